@@ -1,0 +1,135 @@
+"""QnA-ViT (supplement section 3, Table 1; the authors' released architecture).
+
+A 4x4 stride-4 patch stem, then four stages. Inside stage i: windowed self-attention blocks,
+then QnA blocks, then (except in the last stage) one stride-2 QnA block that doubles width and
+heads with a 1x1 stride-2 conv on its shortcut. The feature pyramid is read before each
+downsampling block, giving strides 4, 8, 16 and 32 with their padding masks.
+"""
+import dataclasses
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qna_detr.backbones.base import FeatureMap
+from qna_detr.layers import masking
+from qna_detr.layers.blocks import Block
+from qna_detr.layers.qna import QnA
+from qna_detr.layers.window_attention import WindowAttention
+
+Array = jax.Array
+PATCH = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class QnAViTSpec:
+  """Per-stage architecture of a QnA-ViT variant (DESIGN.md section 3)."""
+  dims: Sequence[int]
+  qna_blocks: Sequence[int]
+  qna_heads: Sequence[int]
+  sa_blocks: Sequence[int]
+  sa_windows: Sequence[int]
+  sa_heads: Sequence[int]
+  drop_path: float
+  qna_kernel: int = 3
+  num_queries: int = 2
+
+  def drop_path_rates(self) -> list[float]:
+    """Stochastic depth rising linearly over every block, downsampling blocks included."""
+    total = sum(self.sa_blocks) + sum(self.qna_blocks) + len(self.dims) - 1
+    return np.linspace(0.0, self.drop_path, total).tolist()
+
+
+VARIANTS = {
+    'qna_vit_tiny': QnAViTSpec(
+        dims=(64, 128, 256, 512), qna_blocks=(2, 3, 2, 0), qna_heads=(8, 16, 32, 64),
+        sa_blocks=(0, 0, 4, 2), sa_windows=(7, 7, 14, 7), sa_heads=(2, 4, 8, 16),
+        drop_path=0.05),
+    'qna_vit_small': QnAViTSpec(
+        dims=(64, 128, 256, 512), qna_blocks=(2, 3, 6, 0), qna_heads=(8, 16, 32, 64),
+        sa_blocks=(0, 0, 12, 2), sa_windows=(7, 7, 14, 7), sa_heads=(2, 4, 8, 16),
+        drop_path=0.2),
+    'qna_vit_base': QnAViTSpec(
+        dims=(96, 192, 384, 768), qna_blocks=(2, 3, 6, 0), qna_heads=(6, 12, 24, 48),
+        sa_blocks=(0, 0, 12, 2), sa_windows=(7, 7, 14, 7), sa_heads=(3, 6, 12, 24),
+        drop_path=0.5),
+}
+
+
+class QnAViT(nn.Module):
+  """QnA-ViT feature extractor.
+
+  Attributes:
+    spec: the architecture.
+    drop_path: overrides spec.drop_path when set (e.g. lower for detection fine-tuning).
+    dtype: compute dtype; parameters stay float32.
+  """
+  spec: QnAViTSpec
+  drop_path: Optional[float] = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, padding_mask: Optional[Array] = None, *,
+               train: bool = False) -> list[FeatureMap]:
+    """images: [B, H, W, 3]; padding_mask: [B, H, W] bool, True = padded pixel.
+
+    Returns the FeatureMaps at strides 4, 8, 16 and 32. Padded positions hold zeros.
+    """
+    if images.ndim != 4:
+      raise ValueError(f'images must have rank 4 [B, H, W, C], got shape {images.shape}.')
+    spec = self.spec
+    if self.drop_path is not None:
+      spec = dataclasses.replace(spec, drop_path=self.drop_path)
+    padded = ~masking.valid_from_padding(padding_mask, images.shape)
+    # Pad bottom/right to a multiple of the patch: an image alone and inside a padded batch
+    # then sees the same patches.
+    extra = ((0, 0), (0, -images.shape[1] % PATCH), (0, -images.shape[2] % PATCH))
+    x = jnp.pad(jnp.where(padded[..., None], 0.0, images), extra + ((0, 0),))
+    padded = jnp.pad(padded, extra, constant_values=True)
+    x = nn.Conv(spec.dims[0], (PATCH, PATCH), strides=PATCH, padding='VALID', use_bias=False,
+                dtype=self.dtype, name='stem')(x.astype(self.dtype))
+    mask = masking.downsample(padded, PATCH)
+
+    rates = iter(spec.drop_path_rates())
+    pyramid = []
+    for stage, dim in enumerate(spec.dims):
+      for i in range(spec.sa_blocks[stage]):
+        mixer = WindowAttention(dim, spec.sa_heads[stage], spec.sa_windows[stage],
+                                dtype=self.dtype)
+        x = Block(mixer, next(rates), dtype=self.dtype,
+                  name=f'stage{stage + 1}_sa{i + 1}')(x, mask, train=train)
+      for i in range(spec.qna_blocks[stage]):
+        mixer = QnA(dim, spec.qna_heads[stage], spec.qna_kernel,
+                    num_queries=spec.num_queries, dtype=self.dtype)
+        x = Block(mixer, next(rates), dtype=self.dtype,
+                  name=f'stage{stage + 1}_qna{i + 1}')(x, mask, train=train)
+      pyramid.append(FeatureMap(jnp.where(mask[..., None], 0, x), mask))
+      if stage + 1 < len(spec.dims):
+        mixer = QnA(2 * dim, 2 * spec.qna_heads[stage], spec.qna_kernel, stride=2,
+                    num_queries=spec.num_queries, dtype=self.dtype)
+        skip = nn.Conv(2 * dim, (1, 1), strides=2, padding='VALID', use_bias=False,
+                       dtype=self.dtype)
+        x = Block(mixer, next(rates), skip=skip, dtype=self.dtype,
+                  name=f'stage{stage + 1}_down')(x, mask, train=train)
+        mask = masking.downsample(mask, 2)
+    return pyramid
+
+
+class QnAViTClassifier(nn.Module):
+  """QnA-ViT with the classification head: LayerNorm, average over real pixels, Dense."""
+  spec: QnAViTSpec
+  num_classes: int
+  drop_path: Optional[float] = None
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array, padding_mask: Optional[Array] = None, *,
+               train: bool = False) -> Array:
+    last = QnAViT(self.spec, self.drop_path, self.dtype, name='backbone')(
+        images, padding_mask, train=train)[-1]
+    x = nn.LayerNorm(dtype=self.dtype, name='norm')(last.features).astype(jnp.float32)
+    weight = (~last.mask)[..., None].astype(jnp.float32)
+    pooled = (x * weight).sum((1, 2)) / jnp.maximum(weight.sum((1, 2)), 1.0)
+    return nn.Dense(self.num_classes, name='head')(pooled)
