@@ -11,7 +11,7 @@ Numerics. The authors' release exponentiates the raw scores, which overflows for
 Here the window sums run as depthwise convolutions on scores shifted by their per-image
 maximum (a constant per window, so the ratio is unchanged), and the normalizers are checked:
 if any window's normalizer fell into the float range where its terms lose precision (a window
-whose scores all sit ~46 nats below the image maximum), the whole call is recomputed with the
+whose scores all sit ~35 nats below the image maximum), the whole call is recomputed with the
 exact per-window maximum. That path visits the k^2 window offsets one at a time under
 `jax.checkpoint`, so it stays O(HWD) in memory; it is never taken for ordinary activations.
 """
@@ -28,8 +28,9 @@ from qna_detr.layers import masking
 Array = jax.Array
 Dtype = jnp.dtype
 
-# Normalizers below this (about e^-46) mean the shifted exponentials may have underflowed.
-_MIN_SAFE_NORMALIZER = 1e-20
+# Normalizers below this (about e^-34.5) mean the shifted exponentials may have lost precision.
+# Its square must stay a normal float32: the division's gradient divides by den^2.
+_MIN_SAFE_NORMALIZER = 1e-15
 # Stands in for -inf on padded scores: exp() of it is exactly 0 and its gradient is finite.
 _MASKED_SCORE = -1e30
 
@@ -100,10 +101,14 @@ def _safe_divide(num: Array, den: Array) -> Array:
 
 @functools.partial(jax.checkpoint, static_argnums=(5,))
 def _aggregate_exact(scores, values, valid, bias, scale, stride):
-  """Window softmax with the exact per-window maximum, one window offset at a time."""
+  """Window softmax with the exact per-window maximum, one window offset at a time.
+
+  A loop (not an unrolled k^2 sequence) keeps the compiled program small; the checkpoint keeps
+  the backward pass from storing per-offset intermediates.
+  """
   k = bias.shape[0]
   pad = (k - 1) // 2
-  hgt, wid = scores.shape[1:3]
+  b, hgt, wid = scores.shape[:3]
   ho, wo = -(-hgt // stride), -(-wid // stride)
   spatial_pad = ((0, 0), (pad, pad), (pad, pad))
 
@@ -112,22 +117,30 @@ def _aggregate_exact(scores, values, valid, bias, scale, stride):
   values = jnp.pad(values, spatial_pad + ((0, 0), (0, 0)))
   valid = jnp.pad(valid, spatial_pad)
 
-  def window_slice(x, i, j):
-    return x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+  def at_offset(x, offset):
+    """The input pixel at window offset `offset` of every output window: [B, Ho, Wo, ...]."""
+    i, j = offset // k, offset % k
+    window = (b, stride * (ho - 1) + 1, stride * (wo - 1) + 1) + x.shape[3:]
+    start = (0, i, j) + (0,) * (x.ndim - 3)
+    return jax.lax.dynamic_slice(x, start, window)[:, ::stride, ::stride]
 
-  offsets = [(i, j) for i in range(k) for j in range(k)]
-  window_max = jnp.full((scores.shape[0], ho, wo) + scores.shape[3:], _MASKED_SCORE, jnp.float32)
-  for i, j in offsets:
-    window_max = jnp.maximum(window_max, window_slice(masked, i, j) + bias[i, j])
+  def logits_at(offset):
+    return at_offset(masked, offset) + bias.reshape(k * k, *bias.shape[2:])[offset]
+
+  window_max = jax.lax.fori_loop(
+      0, k * k, lambda o, m: jnp.maximum(m, logits_at(o)),
+      jnp.full((b, ho, wo) + scores.shape[3:], _MASKED_SCORE, jnp.float32))
   window_max = jax.lax.stop_gradient(window_max)
 
-  num = jnp.zeros((scores.shape[0], ho, wo) + values.shape[3:], jnp.float32)[:, :, :, None]
-  den = jnp.zeros_like(window_max)
-  for i, j in offsets:
-    present = window_slice(valid, i, j)[..., None, None]
-    e = jnp.where(present, jnp.exp(window_slice(masked, i, j) + bias[i, j] - window_max), 0.0)
-    den = den + e
-    num = num + (e * scale[i, j])[..., None] * window_slice(values, i, j)[:, :, :, None]
+  def accumulate(offset, carry):
+    num, den = carry
+    present = at_offset(valid, offset)[..., None, None]
+    e = jnp.where(present, jnp.exp(logits_at(offset) - window_max), 0.0)
+    weight = e * scale.reshape(k * k, *scale.shape[2:])[offset]
+    return (num + weight[..., None] * at_offset(values, offset)[:, :, :, None], den + e)
+
+  num = jnp.zeros(window_max.shape + values.shape[-1:], jnp.float32)
+  num, den = jax.lax.fori_loop(0, k * k, accumulate, (num, jnp.zeros_like(window_max)))
   return _safe_divide(num, den)
 
 
