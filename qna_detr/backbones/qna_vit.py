@@ -58,6 +58,11 @@ VARIANTS = {
 }
 
 
+# Parameter counts of the authors' released ImageNet checkpoints (224 x 224, 1000 classes).
+RELEASED_IMAGENET_PARAMS = {
+    'qna_vit_tiny': 15_716_000, 'qna_vit_small': 24_972_000, 'qna_vit_base': 55_670_000}
+
+
 class QnAViT(nn.Module):
   """QnA-ViT feature extractor.
 
@@ -97,20 +102,20 @@ class QnAViT(nn.Module):
     for stage, dim in enumerate(spec.dims):
       for i in range(spec.sa_blocks[stage]):
         mixer = WindowAttention(dim, spec.sa_heads[stage], spec.sa_windows[stage],
-                                dtype=self.dtype)
+                                dtype=self.dtype, parent=None)
         x = Block(mixer, next(rates), dtype=self.dtype,
                   name=f'stage{stage + 1}_sa{i + 1}')(x, mask, train=train)
       for i in range(spec.qna_blocks[stage]):
         mixer = QnA(dim, spec.qna_heads[stage], spec.qna_kernel,
-                    num_queries=spec.num_queries, dtype=self.dtype)
+                    num_queries=spec.num_queries, dtype=self.dtype, parent=None)
         x = Block(mixer, next(rates), dtype=self.dtype,
                   name=f'stage{stage + 1}_qna{i + 1}')(x, mask, train=train)
       pyramid.append(FeatureMap(jnp.where(mask[..., None], 0, x), mask))
       if stage + 1 < len(spec.dims):
         mixer = QnA(2 * dim, 2 * spec.qna_heads[stage], spec.qna_kernel, stride=2,
-                    num_queries=spec.num_queries, dtype=self.dtype)
+                    num_queries=spec.num_queries, dtype=self.dtype, parent=None)
         skip = nn.Conv(2 * dim, (1, 1), strides=2, padding='VALID', use_bias=False,
-                       dtype=self.dtype)
+                       dtype=self.dtype, parent=None)
         x = Block(mixer, next(rates), skip=skip, dtype=self.dtype,
                   name=f'stage{stage + 1}_down')(x, mask, train=train)
         mask = masking.downsample(mask, 2)

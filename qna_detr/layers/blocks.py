@@ -40,6 +40,9 @@ class Block(nn.Module):
   With `skip` (a 1x1 strided conv), the block changes resolution and width: the mixer must
   stride the same way, and the mixer branch gets no stochastic depth (as released).
 
+  Build `mixer` and `skip` with parent=None so that the block adopts them and their
+  parameters live under it ('mixer', 'skip').
+
   Attributes:
     mixer: token mixer called as mixer(x, padding_mask).
     drop_path: stochastic depth rate of the residual branches.
