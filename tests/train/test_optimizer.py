@@ -1,0 +1,68 @@
+"""Learning-rate groups and the 75-epoch schedule, checked against hand-computed values."""
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from qna_detr.train import optimizer
+
+
+def _config(**overrides):
+  cfg = ml_collections.ConfigDict(dict(
+      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=[50],
+      decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
+  cfg.update(overrides)
+  return ml_collections.ConfigDict({'optimizer': cfg})
+
+
+def _params():
+  # Zero parameters: AdamW's decoupled weight decay adds nothing on the first step.
+  return {'backbone': {'stem': {'kernel': jnp.zeros((3, 4))}},
+          'input_proj': {'kernel': jnp.zeros((4, 2)), 'bias': jnp.zeros((2,))},
+          'class_embed': {'kernel': jnp.zeros((2, 5))}}
+
+
+def _grads(params, seed=0):
+  """Random signs and magnitudes well above Adam's epsilon."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda p: jnp.asarray(
+      rng.choice([-1.0, 1.0], p.shape) * rng.uniform(0.5, 2.0, p.shape)), params)
+
+
+@pytest.mark.parametrize('freeze', [False, True])
+def test_each_group_moves_by_its_own_learning_rate(freeze):
+  """Adam's first step is lr * g / (|g| + eps) = lr * sign(g), whatever clipping did to g."""
+  tx, _ = optimizer.build_optimizer(_config(freeze_backbone=freeze), epoch_steps=10)
+  params = _params()
+  grads = _grads(params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  backbone_step = np.abs(updates['backbone']['stem']['kernel'])
+  np.testing.assert_allclose(backbone_step, 0.0 if freeze else 1e-5, rtol=1e-4)
+  for name in ('input_proj', 'class_embed'):
+    for leaf in updates[name].values():
+      np.testing.assert_allclose(np.abs(leaf), 1e-4, rtol=1e-4)
+  # Updates oppose the gradient.
+  assert np.all(np.sign(updates['class_embed']['kernel']) == -np.sign(grads['class_embed']['kernel']))
+
+
+def test_schedule_drops_tenfold_after_epoch_50():
+  epoch_steps = optimizer.steps_per_epoch(num_examples=118_287, global_batch_size=32)
+  assert epoch_steps == 3697  # ceil(118287 / 32)
+  _, schedules = optimizer.build_optimizer(_config(), epoch_steps)
+  drop = 50 * epoch_steps
+  for group, lr in (('head', 1e-4), ('backbone', 1e-5)):
+    values = [float(schedules[group](s)) for s in (0, drop - 1, drop, drop + 1, 75 * epoch_steps)]
+    np.testing.assert_allclose(values, [lr, lr, lr / 10, lr / 10, lr / 10], rtol=1e-6)
+
+
+def test_warmup_is_linear_then_joins_the_steps():
+  schedule = optimizer.step_schedule(1e-4, epoch_steps=100, decay_epochs=[2],
+                                     decay_factor=0.1, warmup_steps=10)
+  np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 199, 200)],
+                             [0.0, 5e-5, 1e-4, 1e-4, 1e-5], rtol=1e-6, atol=1e-12)
+
+
+def test_bad_sizes_are_named():
+  with pytest.raises(ValueError, match='global_batch_size'):
+    optimizer.steps_per_epoch(100, 0)
