@@ -1,0 +1,53 @@
+"""The jitted training step: forward, Hungarian matching, set loss, AdamW update."""
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from qna_detr.detr import LossWeights, set_criterion
+
+TARGET_KEYS = ('boxes', 'labels', 'box_mask')
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a resumed run needs besides the data iterator."""
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array  # Base key; each step folds its number in for dropout and drop path.
+
+
+def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
+                 image_shape: tuple[int, int]) -> TrainState:
+  init_rng, train_rng = jax.random.split(rng)
+  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+  params = model.init(init_rng, images, jnp.zeros(images.shape[:3], bool), train=False)['params']
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=train_rng)
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher: Callable,
+                    weights: LossWeights, schedules: dict[str, Callable]) -> Callable:
+  """(state, batch) -> (state, metrics) over the global batch; jit it with shardings."""
+  def train_step(state: TrainState, batch: dict[str, jax.Array]):
+    rng = jax.random.fold_in(state.rng, state.step)
+    targets = {k: batch[k] for k in TARGET_KEYS}
+
+    def loss_fn(params):
+      outputs = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                            train=True, rngs={'dropout': rng})
+      return set_criterion(outputs, targets, matcher, weights)
+
+    (loss, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    metrics = {'loss': loss, **components, 'grad_norm': optax.global_norm(grads),
+               **{f'lr_{group}': schedule(state.step) for group, schedule in schedules.items()}}
+    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
+                              opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
