@@ -71,9 +71,9 @@ class DETR(nn.Module):
     """
     if self.num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {self.num_classes}')
-    if self.hidden_dim % 2:
-      raise ValueError(f'hidden_dim must be even (half per axis of the position encoding), '
-                       f'got {self.hidden_dim}')
+    if self.hidden_dim % 4:
+      raise ValueError(f'hidden_dim must be a multiple of 4 (sin/cos pairs for each axis of the '
+                       f'position encoding), got {self.hidden_dim}')
     if images.ndim != 4 or padding_mask.shape != images.shape[:3]:
       raise ValueError(f'images must be [B, H, W, 3] and padding_mask [B, H, W]; got '
                        f'{images.shape} and {padding_mask.shape}')

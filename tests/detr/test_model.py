@@ -104,6 +104,66 @@ def test_transformer_ignores_padded_tokens():
   assert np.abs(unmasked - out).max() > 1e-3  # ...while an unmasked change does matter.
 
 
+def reference_transformer(params: dict, src: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+                          query_pos: np.ndarray) -> np.ndarray:
+  """DETR's post-norm transformer for one image, in numpy, from the paper's equations."""
+  def attention(p, query, key, value, key_padding=None):
+    p = p['attn']
+    project = lambda x, name: np.einsum('sd,dhk->shk', x, p[name]['kernel']) + p[name]['bias']
+    q, k, v = project(query, 'query'), project(key, 'key'), project(value, 'value')
+    scores = np.einsum('qhk,shk->hqs', q, k) / np.sqrt(q.shape[-1])
+    if key_padding is not None:
+      scores = np.where(key_padding[None, None, :], -np.inf, scores)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    heads = np.einsum('hqs,shk->qhk', weights, v)
+    return np.einsum('qhk,hkd->qd', heads, p['out']['kernel']) + p['out']['bias']
+
+  def norm(p, x):
+    centered = x - x.mean(-1, keepdims=True)
+    return centered / np.sqrt((centered**2).mean(-1, keepdims=True) + 1e-5) * p['scale'] + p['bias']
+
+  def ffn(p, x):
+    hidden = np.maximum(x @ p['linear1']['kernel'] + p['linear1']['bias'], 0)
+    return hidden @ p['linear2']['kernel'] + p['linear2']['bias']
+
+  def residual(p, name, x, branch):
+    return norm(p[name]['norm'], x + branch)
+
+  params = jax.tree.map(np.asarray, params)
+  memory = src
+  p = params['encoder_0']
+  memory = residual(p, 'residual1', memory,
+                    attention(p['self_attn'], memory + pos, memory + pos, memory, mask))
+  memory = residual(p, 'residual2', memory, ffn(p['ffn'], memory))
+  tgt, outputs = np.zeros_like(query_pos), []
+  for i in range(2):
+    p = params[f'decoder_{i}']
+    tgt = residual(p, 'residual1', tgt,
+                   attention(p['self_attn'], tgt + query_pos, tgt + query_pos, tgt))
+    tgt = residual(p, 'residual2', tgt,
+                   attention(p['cross_attn'], tgt + query_pos, memory + pos, memory, mask))
+    tgt = residual(p, 'residual3', tgt, ffn(p['ffn'], tgt))
+    outputs.append(norm(params['decoder_norm'], tgt))
+  return np.stack(outputs)
+
+
+def test_transformer_matches_a_numpy_reference():
+  transformer = Transformer(d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2,
+                            dim_feedforward=16)
+  rng = np.random.default_rng(0)
+  src, pos = rng.normal(size=(2, 1, 6, 8)).astype(np.float32)
+  queries = rng.normal(size=(3, 8)).astype(np.float32)
+  mask = np.array([[False, False, True, False, False, True]])
+  variables = init(transformer, src, mask, pos, queries)
+  # Non-zero biases and norm offsets, so that every parameter shows in the result.
+  params = jax.tree.map(lambda x: x + 0.1 * rng.normal(size=x.shape).astype(np.float32),
+                        variables['params'])
+  out = jit_apply(transformer)({'params': params}, src, mask, pos, queries, train=False)
+  np.testing.assert_allclose(out[:, 0], reference_transformer(params, src[0], mask[0], pos[0],
+                                                              queries), atol=1e-4, rtol=1e-4)
+
+
 def test_dropout_uses_the_dropout_rng(model_and_params):
   model, variables = model_and_params
   images, mask = jnp.ones((1, 16, 16, 3)), jnp.zeros((1, 16, 16), bool)
@@ -132,3 +192,5 @@ def test_rejects_bad_arguments(model_and_params):
     model.apply(variables, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 8, 16), bool), train=False)
   with pytest.raises(ValueError, match='num_heads'):
     init(tiny_detr(num_heads=3), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8), bool))
+  with pytest.raises(ValueError, match='hidden_dim'):
+    init(tiny_detr(hidden_dim=18), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8), bool))
