@@ -58,50 +58,53 @@ class _Residual(nn.Module):
     return nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='norm')(x + branch)
 
 
-class EncoderLayer(nn.Module):
-  """Self-attention over the image tokens, then a feed-forward block."""
+class _Layer(nn.Module):
+  """Sizes and sub-layer builders shared by the encoder and decoder layers."""
   d_model: int
   num_heads: int
   dim_feedforward: int
   dropout: float
   dtype: jnp.dtype = jnp.float32
+
+  def residual(self, name: str) -> _Residual:
+    return _Residual(self.dropout, self.dtype, name=name)
+
+  def attention(self, name: str) -> _Attention:
+    return _Attention(self.num_heads, self.dropout, self.dtype, name=name)
+
+  def ffn(self) -> _FeedForward:
+    return _FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name='ffn')
+
+
+class EncoderLayer(_Layer):
+  """Self-attention over the image tokens, then a feed-forward block."""
 
   @nn.compact
   def __call__(self, src: jax.Array, pos: jax.Array, padding_mask: jax.Array, *,
                train: bool) -> jax.Array:
-    residual = lambda name: _Residual(self.dropout, self.dtype, name=name)
-    attention = _Attention(self.num_heads, self.dropout, self.dtype, name='self_attn')
     q = k = src + pos
-    src = residual('residual1')(src, attention(q, k, src, padding_mask, train=train), train=train)
-    ffn = _FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name='ffn')
-    return residual('residual2')(src, ffn(src, train=train), train=train)
+    attended = self.attention('self_attn')(q, k, src, padding_mask, train=train)
+    src = self.residual('residual1')(src, attended, train=train)
+    return self.residual('residual2')(src, self.ffn()(src, train=train), train=train)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Layer):
   """Self-attention among the object queries, cross-attention to the image, feed-forward."""
-  d_model: int
-  num_heads: int
-  dim_feedforward: int
-  dropout: float
-  dtype: jnp.dtype = jnp.float32
 
   @nn.compact
   def __call__(self, tgt: jax.Array, memory: jax.Array, pos: jax.Array, query_pos: jax.Array,
                memory_padding_mask: jax.Array, *, train: bool) -> jax.Array:
-    residual = lambda name: _Residual(self.dropout, self.dtype, name=name)
-    attention = lambda name: _Attention(self.num_heads, self.dropout, self.dtype, name=name)
     q = k = tgt + query_pos
-    tgt = residual('residual1')(
-        tgt, attention('self_attn')(q, k, tgt, None, train=train), train=train)
-    cross = attention('cross_attn')(
+    attended = self.attention('self_attn')(q, k, tgt, None, train=train)
+    tgt = self.residual('residual1')(tgt, attended, train=train)
+    attended = self.attention('cross_attn')(
         tgt + query_pos, memory + pos, memory, memory_padding_mask, train=train)
-    tgt = residual('residual2')(tgt, cross, train=train)
-    ffn = _FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype, name='ffn')
-    return residual('residual3')(tgt, ffn(tgt, train=train), train=train)
+    tgt = self.residual('residual2')(tgt, attended, train=train)
+    return self.residual('residual3')(tgt, self.ffn()(tgt, train=train), train=train)
 
 
 class Transformer(nn.Module):
-  """Encoder over image tokens, decoder over object queries.
+  """Encoder over image tokens, decoder over object queries (`DETR` holds the default sizes).
 
   Attributes:
     d_model: token width.
@@ -112,12 +115,12 @@ class Transformer(nn.Module):
     dropout: dropout rate on attention weights and every residual branch.
     dtype: compute dtype; parameters stay float32.
   """
-  d_model: int = 256
-  num_heads: int = 8
-  num_encoder_layers: int = 6
-  num_decoder_layers: int = 6
-  dim_feedforward: int = 2048
-  dropout: float = 0.1
+  d_model: int
+  num_heads: int
+  num_encoder_layers: int
+  num_decoder_layers: int
+  dim_feedforward: int
+  dropout: float
   dtype: jnp.dtype = jnp.float32
 
   @nn.compact

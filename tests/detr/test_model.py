@@ -31,6 +31,11 @@ def tiny_detr(**overrides) -> DETR:
   return DETR(PatchBackbone(), **{**sizes, **overrides})
 
 
+def tiny_transformer() -> Transformer:
+  return Transformer(d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2,
+                     dim_feedforward=16, dropout=0.1)
+
+
 def init(model: nn.Module, *args) -> dict:
   return jax.jit(model.init, static_argnames='train')(jax.random.key(0), *args, train=False)
 
@@ -85,8 +90,7 @@ def test_padding_does_not_change_predictions(model_and_params):
 
 
 def test_transformer_ignores_padded_tokens():
-  transformer = Transformer(d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2,
-                            dim_feedforward=16)
+  transformer = tiny_transformer()
   keys = jax.random.split(jax.random.key(0), 4)
   src = jax.random.normal(keys[0], (1, 6, 8))
   pos = jax.random.normal(keys[1], (1, 6, 8))
@@ -149,8 +153,7 @@ def reference_transformer(params: dict, src: np.ndarray, mask: np.ndarray, pos: 
 
 
 def test_transformer_matches_a_numpy_reference():
-  transformer = Transformer(d_model=8, num_heads=2, num_encoder_layers=1, num_decoder_layers=2,
-                            dim_feedforward=16)
+  transformer = tiny_transformer()
   rng = np.random.default_rng(0)
   src, pos = rng.normal(size=(2, 1, 6, 8)).astype(np.float32)
   queries = rng.normal(size=(3, 8)).astype(np.float32)
