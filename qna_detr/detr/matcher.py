@@ -72,6 +72,17 @@ def match_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_boxes: jax.
   return jnp.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
 
 
+def _check_problem(cost: jax.Array, box_mask: jax.Array) -> None:
+  """Both solvers match every valid target, which needs N <= Q."""
+  num_queries, num_targets = cost.shape[-2:]
+  if box_mask.shape != (*cost.shape[:-2], num_targets):
+    raise ValueError(f'box_mask has shape {box_mask.shape}, expected {cost.shape[:-2]} + '
+                     f'({num_targets},) for a cost of shape {cost.shape}')
+  if num_targets > num_queries:
+    raise ValueError(f'targets are padded to N={num_targets} boxes, more than the '
+                     f'{num_queries} queries that could match them')
+
+
 def _scipy_host(cost: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
   """Solves each `[Q, N]` problem of a `[..., Q, N]` batch on the host."""
   batch_shape, (num_queries, num_targets) = cost.shape[:-2], cost.shape[-2:]
@@ -88,6 +99,7 @@ def _scipy_host(cost: np.ndarray, box_mask: np.ndarray) -> np.ndarray:
 
 def solve_scipy(cost: jax.Array, box_mask: jax.Array) -> jax.Array:
   """Optimal assignment `[B, Q, N]`, `[B, N]` -> `[B, Q]` int32 via a host callback."""
+  _check_problem(cost, box_mask)
   result = jax.ShapeDtypeStruct(cost.shape[:-1], jnp.int32)
   return jax.pure_callback(_scipy_host, result, cost, box_mask, vmap_method='broadcast_all')
 
@@ -156,6 +168,7 @@ def _solve_one(cost: jax.Array, valid: jax.Array) -> jax.Array:
 
 def solve_jax(cost: jax.Array, box_mask: jax.Array) -> jax.Array:
   """Optimal assignment `[B, Q, N]`, `[B, N]` -> `[B, Q]` int32, on device."""
+  _check_problem(cost, box_mask)
   return jax.vmap(_solve_one)(jnp.swapaxes(cost, -1, -2).astype(jnp.float32), box_mask)
 
 
@@ -194,10 +207,6 @@ class HungarianMatcher:
       targets: 'boxes' `[B, N, 4]` cxcywh, 'labels' `[B, N]` int, 'box_mask' `[B, N]` bool
         (True = real box), with N <= Q.
     """
-    num_queries, num_targets = outputs['pred_boxes'].shape[1], targets['boxes'].shape[1]
-    if num_targets > num_queries:
-      raise ValueError(f'targets are padded to N={num_targets} boxes, more than the '
-                       f'{num_queries} queries that could match them')
     cost = match_cost(outputs['pred_logits'], outputs['pred_boxes'], targets['boxes'],
                       targets['labels'], cost_class=self.cost_class, cost_bbox=self.cost_bbox,
                       cost_giou=self.cost_giou)

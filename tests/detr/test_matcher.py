@@ -109,3 +109,15 @@ def test_rejects_bad_arguments():
              'box_mask': jnp.ones((1, 3), bool)}
   with pytest.raises(ValueError, match='N=3'):
     HungarianMatcher()(outputs, targets)
+  fitting = jax.tree.map(lambda x: x[:, :2], targets)
+  HungarianMatcher()(outputs, fitting)
+  with pytest.raises(ValueError, match='batch_axis'):  # no mesh is set
+    HungarianMatcher(batch_axis='data')(outputs, fitting)
+
+
+@pytest.mark.parametrize('solver', sorted(SOLVERS))
+def test_solvers_reject_unsolvable_shapes(solver):
+  with pytest.raises(ValueError, match='N=4'):
+    SOLVERS[solver](jnp.zeros((1, 3, 4)), jnp.ones((1, 4), bool))
+  with pytest.raises(ValueError, match='box_mask'):
+    SOLVERS[solver](jnp.zeros((1, 3, 2)), jnp.ones((1, 3), bool))
