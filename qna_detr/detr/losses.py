@@ -32,7 +32,7 @@ def layer_losses(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Arr
 
   Args:
     outputs: 'pred_logits' `[B, Q, C + 1]`, 'pred_boxes' `[B, Q, 4]` cxcywh.
-    targets: 'boxes' `[B, N, 4]` cxcywh, 'labels' `[B, N]` int, 'box_mask' `[B, N]` bool.
+    targets: 'boxes' `[B, N, 4]` cxcywh and 'labels' `[B, N]` int; only matched entries are read.
     match: `[B, Q]` int, each query's target index or -1.
     num_boxes: positive scalar normalizing the box losses.
     no_object_weight: cross-entropy weight of the no-object class (the others weigh 1).
