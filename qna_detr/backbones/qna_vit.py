@@ -55,6 +55,11 @@ VARIANTS = {
         dims=(96, 192, 384, 768), qna_blocks=(2, 3, 6, 0), qna_heads=(6, 12, 24, 48),
         sa_blocks=(0, 0, 12, 2), sa_windows=(7, 7, 14, 7), sa_heads=(3, 6, 12, 24),
         drop_path=0.5),
+    # Not from the paper: every block kind at CPU size, for the toy dataset and tests.
+    'qna_vit_nano': QnAViTSpec(
+        dims=(32, 64, 128, 256), qna_blocks=(1, 1, 1, 0), qna_heads=(4, 8, 16, 32),
+        sa_blocks=(0, 0, 1, 1), sa_windows=(7, 7, 8, 4), sa_heads=(1, 2, 4, 8),
+        drop_path=0.0),
 }
 
 

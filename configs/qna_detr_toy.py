@@ -1,0 +1,9 @@
+"""The embedded default: DETR with a nano QnA-ViT on the synthetic shapes set, on a CPU.
+
+The dataset is generated into WORKDIR/toy_coco on first use.
+"""
+from qna_detr import configs
+
+
+def get_config():
+  return configs.toy()

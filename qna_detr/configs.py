@@ -1,0 +1,56 @@
+"""Experiment configs shared by the files in configs/ (each a Scenic-style get_config())."""
+import ml_collections
+from ml_collections import config_dict
+
+from qna_detr.data import pipeline
+
+
+def detr_coco(backbone: str) -> ml_collections.ConfigDict:
+  """The paper's DETR recipe (supplement 2.2) on TFDS coco/2017 with a QnA-ViT backbone."""
+  config = ml_collections.ConfigDict()
+  config.experiment_name = f'detr_{backbone}_coco'
+  config.rng_seed = 0
+  config.dataset = pipeline.default_config()
+  config.model = ml_collections.ConfigDict(dict(
+      backbone=backbone,
+      backbone_drop_path=config_dict.placeholder(float),  # None: the variant's own rate.
+      num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6,
+      num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
+      dtype='float32'))
+  config.matcher = ml_collections.ConfigDict(dict(
+      cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))
+  config.loss = ml_collections.ConfigDict(dict(ce=1.0, bbox=5.0, giou=2.0, no_object=0.1))
+  config.optimizer = ml_collections.ConfigDict(dict(
+      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=[50],
+      decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
+  config.pretrained = ml_collections.ConfigDict(dict(
+      path='',  # ImageNet QnA-ViT checkpoint for the backbone ('' = train from scratch).
+      format='auto'))  # 'auto', 'qna_detr' or 'authors' (the released QnA-ViT checkpoints).
+  config.batch_size = 32  # Global, over all devices and processes.
+  config.eval_batch_size = 32
+  config.num_epochs = 75
+  config.num_train_steps = -1  # > 0 overrides num_epochs.
+  config.log_every_steps = 100
+  config.checkpoint_every_steps = 2000
+  config.keep_checkpoints = 3
+  config.eval_every_epochs = 5.0
+  config.eval_top_k = 100
+  return config
+
+
+def toy(image_size: int = 128) -> ml_collections.ConfigDict:
+  """The synthetic shapes set, generated into WORKDIR/toy_coco, sized for a 2-core CPU."""
+  config = detr_coco('qna_vit_nano')
+  config.experiment_name = 'detr_qna_vit_nano_toy'
+  config.dataset = pipeline.toy_config('', image_size)  # '' = WORKDIR/toy_coco.
+  config.dataset.max_boxes = 20
+  config.model.update(dict(num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=2,
+                           num_decoder_layers=2, dim_feedforward=512, dropout=0.0))
+  config.optimizer.update(dict(lr=2e-4, backbone_lr=2e-4, decay_epochs=[40]))
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.num_epochs = 50
+  config.log_every_steps = 20
+  config.checkpoint_every_steps = 500
+  config.eval_every_epochs = 25.0
+  return config

@@ -1,0 +1,77 @@
+"""Orbax checkpoints of the train state, plus the tf.data iterator position for exact resume.
+
+The state goes to WORKDIR/checkpoints/<step> (orbax, keeps the last K); each process also saves
+its data iterator to WORKDIR/data_state/<step>/process_<i> with tf.train.Checkpoint, so that a
+resumed run reads exactly the batches an uninterrupted run would have read, without replaying
+the input pipeline.
+"""
+import os
+import shutil
+from typing import Any, Optional
+
+from absl import logging
+import jax
+import orbax.checkpoint as ocp
+import tensorflow as tf
+
+
+class Checkpointer:
+  """Saves and restores (train state, data iterator) pairs in a workdir."""
+
+  def __init__(self, workdir: str, keep: int):
+    self._data_dir = os.path.join(workdir, 'data_state')
+    self._manager = ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, 'checkpoints')),
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True))
+
+  def latest_step(self) -> Optional[int]:
+    return self._manager.latest_step()
+
+  def _data_path(self, step: int) -> str:
+    return os.path.join(self._data_dir, str(step), f'process_{jax.process_index()}')
+
+  def save(self, step: int, state: Any, iterator: Optional[tf.data.Iterator] = None) -> None:
+    """Writes the checkpoint and waits for it: a crash right after still finds it."""
+    if iterator is not None:
+      tf.train.Checkpoint(iterator=iterator).write(self._data_path(step))
+    self._manager.save(step, args=ocp.args.StandardSave(state))
+    self._manager.wait_until_finished()
+    self._prune_data_states()
+
+  def _prune_data_states(self) -> None:
+    if jax.process_index() != 0 or not os.path.isdir(self._data_dir):
+      return
+    kept = {str(s) for s in self._manager.all_steps()}
+    for name in os.listdir(self._data_dir):
+      if name not in kept:
+        shutil.rmtree(os.path.join(self._data_dir, name), ignore_errors=True)
+
+  def restore(self, abstract_state: Any, step: Optional[int] = None,
+              iterator: Optional[tf.data.Iterator] = None) -> Any:
+    """The state at `step` (default: latest); the iterator too when one is given and saved."""
+    step = self.latest_step() if step is None else step
+    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    if iterator is not None:
+      path = self._data_path(step)
+      if tf.io.gfile.exists(path + '.index'):
+        tf.train.Checkpoint(iterator=iterator).read(path).assert_consumed()
+      else:
+        logging.warning('No data iterator state for step %d at %s: the input pipeline starts '
+                        'from its beginning.', step, path)
+    return state
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def restore_params(path: str, abstract_state: Any) -> Any:
+  """The train state stored at an orbax checkpoint directory (e.g. WORKDIR/checkpoints/1000)."""
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f'No checkpoint directory at {path}.')
+  step_dir = os.path.abspath(path)
+  manager = ocp.CheckpointManager(os.path.dirname(step_dir))
+  try:
+    return manager.restore(int(os.path.basename(step_dir)),
+                           args=ocp.args.StandardRestore(abstract_state))
+  finally:
+    manager.close()

@@ -1,0 +1,143 @@
+"""train_and_evaluate: the whole run behind `projects/qna_detr/main.py`.
+
+Data parallel over every device of every process; resumes from the workdir's latest
+checkpoint (train state and data iterator); logs losses, learning rates, gradient norm, step
+time and images/s to the CLU writer; evaluates with pycocotools every `eval_every_epochs` and
+at the end, writing WORKDIR/metrics.json.
+"""
+import os
+import time
+from absl import logging
+from clu import metric_writers
+from clu import periodic_actions
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from qna_detr import models
+from qna_detr import parallel
+from qna_detr.backbones import registry
+from qna_detr.data import batching
+from qna_detr.data import pipeline
+from qna_detr.detr import HungarianMatcher, LossWeights
+from qna_detr.evaluation import coco_eval
+from qna_detr.evaluation import inference
+from qna_detr.train import checkpoints
+from qna_detr.train import optimizer
+from qna_detr.train import steps
+
+
+def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """Checks the keys a run cannot start without, and fills workdir-relative defaults."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.backbone not in registry.names():
+    raise ValueError(f'config.model.backbone={config.model.backbone!r} is not a registered '
+                     f'backbone; choose one of {registry.names()}.')
+  models.compute_dtype(config.model.dtype)
+  parallel.check_batch_size(config.batch_size, 'config.batch_size')
+  parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
+  if config.dataset.name == 'toy' and not config.dataset.data_dir:
+    config.dataset.data_dir = os.path.join(workdir, 'toy_coco')
+  return config
+
+
+def build_datasets(config: ml_collections.ConfigDict):
+  train_ds = pipeline.build_dataset(config, split='train', global_batch_size=config.batch_size,
+                                    shuffle_seed=config.rng_seed, train=True)
+  val_ds = pipeline.build_dataset(config, split='val', global_batch_size=config.eval_batch_size,
+                                  shuffle_seed=0, train=False)
+  return train_ds, val_ds
+
+
+def build_matcher(config: ml_collections.ConfigDict) -> HungarianMatcher:
+  m = config.matcher
+  return HungarianMatcher(cost_class=m.cost_class, cost_bbox=m.cost_bbox, cost_giou=m.cost_giou,
+                          solver=m.solver, batch_axis=parallel.BATCH_AXIS)
+
+
+def _next_global_batch(iterator, sharding) -> dict[str, jax.Array]:
+  """The next host batch, padded to the shape all processes agree on, as global arrays."""
+  batch = {k: v.numpy() for k, v in next(iterator).items()}
+  if jax.process_count() > 1:
+    shapes = multihost_utils.process_allgather(np.asarray(batch['inputs'].shape[1:3]))
+    batch = batching.pad_batch(batch, tuple(int(s) for s in np.max(shapes, axis=0)))
+  return batching.to_global_arrays(batch, sharding)
+
+
+def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
+  detections = inference.predict_dataset(predict_fn, params, dataset, mesh)
+  metrics, per_category, summary = coco_eval.evaluate(dataset.coco_ground_truth(), detections)
+  return metrics, per_category, summary, detections
+
+
+def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
+                       writer: metric_writers.MetricWriter) -> dict[str, float]:
+  """Trains, checkpoints, evaluates; returns the final COCO metrics."""
+  config = resolve_config(config, workdir)
+  mesh = parallel.data_mesh()
+  train_ds, val_ds = build_datasets(config)
+  model = models.build_detr(config.model, train_ds.num_classes)
+  epoch_steps = optimizer.steps_per_epoch(train_ds.num_examples, config.batch_size)
+  total_steps = config.num_train_steps if config.num_train_steps > 0 else (
+      config.num_epochs * epoch_steps)
+  eval_every = max(1, round(config.eval_every_epochs * epoch_steps))
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps)
+  logging.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
+               'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
+               config.batch_size, epoch_steps, jax.device_count())
+
+  replicated = parallel.replicated(mesh)
+  batch_sharding = parallel.batch_sharding(mesh)
+  state = jax.jit(lambda key: steps.create_state(model, tx, key, train_ds.bucket_shapes[0]),
+                  out_shardings=replicated)(rng)
+  checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
+  iterator = iter(train_ds.tf_dataset)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state, iterator=iterator)
+    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+  weights = LossWeights(**config.loss)
+  train_step = jax.jit(
+      steps.make_train_step(model, tx, build_matcher(config), weights, schedules),
+      in_shardings=(replicated, batch_sharding),
+      out_shardings=(replicated, replicated), donate_argnums=0)
+  predict_fn = inference.make_predict_fn(model, config.eval_top_k)
+
+  start_step = int(state.step)
+  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                           every_secs=60)
+  history, last_log = [], (start_step, time.time())
+  with jax.set_mesh(mesh):
+    for step in range(start_step + 1, total_steps + 1):
+      with jax.profiler.StepTraceAnnotation('train', step_num=step):
+        state, metrics = train_step(state, _next_global_batch(iterator, batch_sharding))
+      history.append(metrics)
+      report(step)
+      if step % config.log_every_steps == 0 or step == total_steps:
+        scalars = _mean_metrics(history)
+        seconds = (time.time() - last_log[1]) / (step - last_log[0])
+        scalars.update(step_time_s=seconds, images_per_s=config.batch_size / seconds)
+        writer.write_scalars(step, scalars)
+        history, last_log = [], (step, time.time())
+      if step % config.checkpoint_every_steps == 0 or step == total_steps:
+        checkpointer.save(step, state, iterator)
+      if step % eval_every == 0 and step != total_steps:
+        metrics, _, summary, _ = evaluate(predict_fn, state.params, val_ds, mesh)
+        logging.info('step %d validation:\n%s', step, summary)
+        writer.write_scalars(step, {f'val/{k}': v for k, v in metrics.items()})
+  checkpointer.close()
+
+  metrics, per_category, summary, detections = evaluate(predict_fn, state.params, val_ds, mesh)
+  writer.write_scalars(total_steps, {f'val/{k}': v for k, v in metrics.items()})
+  writer.flush()
+  if jax.process_index() == 0:
+    coco_eval.write_results(workdir, metrics, per_category, detections)
+    print(summary + coco_eval.format_per_category(per_category), flush=True)
+  return metrics
+
