@@ -93,7 +93,8 @@ class DetectionDataset:
   Training iterators repeat forever. Evaluation iterators make one pass over this process's
   examples, each exactly once; partial batches are completed with filler examples
   (`valid` False). With several processes, every process yields the same number of eval
-  batches (`num_batches`), adding all-filler batches where it runs out first.
+  batches (`num_batches`, an upper bound of any process's pass), adding all-filler
+  batches where it runs out first.
   """
 
   tf_dataset: tf.data.Dataset  # Batches of this process; partial at the end of eval.
@@ -103,7 +104,8 @@ class DetectionDataset:
   category_ids: tuple[int, ...]  # Contiguous label -> original category id.
   class_names: tuple[str, ...]
   bucket_shapes: tuple[tuple[int, int], ...]
-  num_batches: int | None  # Eval batches per pass in every process when there are several.
+  num_batches: int | None  # Eval: batches in a fixed-length pass; None for training.
+  fixed_length: bool  # Eval passes have num_batches batches by default (several processes).
   ground_truth: Callable[[], dict[str, Any]]
 
   @property
@@ -118,8 +120,13 @@ class DetectionDataset:
   def __iter__(self) -> Iterator[Batch]:
     return self.iterator()
 
-  def iterator(self) -> Iterator[Batch]:
-    """A fresh iterator of numpy batches."""
+  def iterator(self, *, fixed_length: bool | None = None) -> Iterator[Batch]:
+    """A fresh iterator of numpy batches.
+
+    Args:
+      fixed_length: eval only: end every pass with all-filler batches up to `num_batches`
+        (default: `self.fixed_length`), for loops that need the length in advance.
+    """
     batches = self.tf_dataset.as_numpy_iterator()
     if self.train:
       yield from batches
@@ -128,7 +135,8 @@ class DetectionDataset:
     for batch in batches:
       yield batching.pad_to_batch_size(batch, self.batch_size)
       count += 1
-    while self.num_batches is not None and count < self.num_batches:
+    fixed_length = self.fixed_length if fixed_length is None else fixed_length
+    while fixed_length and count < self.num_batches:
       yield batching.pad_to_batch_size({k: v[:0] for k, v in batch.items()}, self.batch_size)
       count += 1
 
@@ -296,12 +304,12 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
   ds = ds.with_options(options).prefetch(cfg.prefetch)
 
   num_batches = None
-  if not train and process_count > 1:
-    # Upper bound of sum over buckets of ceil(n_b / B), for the largest shard.
+  if not train:
+    # An upper bound of sum over buckets of ceil(n_b / B), for the largest shard.
     host_examples = -(-source.num_examples // process_count)
     num_batches = (host_examples + len(buckets) * (batch_size - 1)) // batch_size
   return DetectionDataset(
       tf_dataset=ds, batch_size=batch_size, train=train, num_examples=source.num_examples,
       category_ids=tuple(source.category_ids), class_names=tuple(source.class_names),
-      bucket_shapes=buckets, num_batches=num_batches,
+      bucket_shapes=buckets, num_batches=num_batches, fixed_length=process_count > 1,
       ground_truth=functools.cache(source.ground_truth))
