@@ -16,7 +16,7 @@ REAL_JSON = os.path.join(os.path.dirname(__file__), 'testdata', 'coco_val2017_2i
 TOY_IMAGE_SIZE = 64
 
 
-def write_images(data: dict, image_dir: str, colour=(128, 64, 32)) -> None:
+def _write_images(data: dict, image_dir: str, colour=(128, 64, 32)) -> None:
   """Writes a uniform JPEG of the listed size for every image of a COCO dict."""
   os.makedirs(image_dir, exist_ok=True)
   for im in data['images']:
@@ -24,23 +24,41 @@ def write_images(data: dict, image_dir: str, colour=(128, 64, 32)) -> None:
     Image.fromarray(pixels).save(os.path.join(image_dir, im['file_name']), quality=100)
 
 
-def write_folder(root: str, data: dict) -> tuple[str, str]:
+def _write_folder(root: str, data: dict) -> tuple[str, str]:
   """Writes a COCO folder (annotation file and images); returns (json path, image dir)."""
   image_dir = os.path.join(root, 'images')
-  write_images(data, image_dir)
+  _write_images(data, image_dir)
   path = os.path.join(root, 'instances.json')
   with open(path, 'w') as f:
     json.dump(data, f)
   return path, image_dir
 
 
-def folder_config(json_path: str, image_dir: str, **overrides) -> ml_collections.ConfigDict:
+def _folder_config(json_path: str, image_dir: str, **overrides) -> ml_collections.ConfigDict:
   """An experiment config reading the folder as both splits, with DETR's sizes."""
   cfg = pipeline.default_config()
   cfg.name = 'coco_folder'
   cfg.update({'train_json': json_path, 'train_images': image_dir, 'val_json': json_path,
               'val_images': image_dir, 'bucket_sample_size': 200, **overrides})
   return ml_collections.ConfigDict({'dataset': cfg})
+
+
+@pytest.fixture
+def write_images():
+  """write_images(coco_dict, image_dir, colour=(128, 64, 32)): uniform JPEGs of its sizes."""
+  return _write_images
+
+
+@pytest.fixture
+def write_folder():
+  """write_folder(root, coco_dict) -> (json path, image dir)."""
+  return _write_folder
+
+
+@pytest.fixture
+def folder_config():
+  """folder_config(json_path, image_dir, **dataset_overrides) -> experiment config."""
+  return _folder_config
 
 
 @pytest.fixture
@@ -52,7 +70,7 @@ def real_data() -> dict:
 @pytest.fixture
 def real_folder(tmp_path, real_data) -> tuple[str, str]:
   """The 2-image COCO val file with uniform images of its sizes."""
-  return write_folder(str(tmp_path), real_data)
+  return _write_folder(str(tmp_path), real_data)
 
 
 @pytest.fixture(scope='session')
