@@ -32,7 +32,7 @@ _NUM_VAL = flags.DEFINE_integer('num_val', 128, 'Validation images to write.')
 _BATCH_SIZE = flags.DEFINE_integer('batch_size', 8, 'Global batch size.')
 _NUM_BATCHES = flags.DEFINE_integer('num_batches', 40, 'Timed training batches.')
 _WARMUP = flags.DEFINE_integer('warmup_batches', 5, 'Untimed training batches first.')
-_SAMPLE = flags.DEFINE_integer('sample_size', 20000, 'Sizes for the waste estimates.')
+_SAMPLE = flags.DEFINE_integer('sample_size', 5000, 'Sizes for the waste estimates.')
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for the images (default: temporary).')
 
 

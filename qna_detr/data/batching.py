@@ -150,6 +150,8 @@ def pad_to_batch_size(batch: Batch, batch_size: int) -> Batch:
   with no boxes and `size` = `orig_size` = the padded shape.
   """
   missing = batch_size - len(batch['valid'])
+  if not missing:
+    return batch
   filler = {k: np.zeros((missing,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   filler['size'][:] = filler['orig_size'][:] = batch['inputs'].shape[1:3]
   return {k: np.concatenate([batch[k], filler[k]]) for k in batch}

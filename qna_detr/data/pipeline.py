@@ -106,7 +106,7 @@ class DetectionDataset:
   bucket_shapes: tuple[tuple[int, int], ...]
   num_batches: int | None  # Eval: batches in a fixed-length pass; None for training.
   fixed_length: bool  # Eval passes have num_batches batches by default (several processes).
-  ground_truth: Callable[[], dict[str, Any]]
+  ground_truth_fn: Callable[[], dict[str, Any]]
 
   @property
   def num_classes(self) -> int:
@@ -115,7 +115,7 @@ class DetectionDataset:
 
   def coco_ground_truth(self) -> dict[str, Any]:
     """The split's annotations in COCO format with original category ids, crowd included."""
-    return self.ground_truth()
+    return self.ground_truth_fn()
 
   def __iter__(self) -> Iterator[Batch]:
     return self.iterator()
@@ -180,7 +180,8 @@ def augmentation(cfg: ml_collections.ConfigDict, train: bool) -> transforms.Augm
       crop_max_size=cfg.crop_max_size)
 
 
-def output_sizes(image_sizes: np.ndarray, aug: transforms.Augmentation, seed: int = 0) -> np.ndarray:
+def output_sizes(image_sizes: np.ndarray, aug: transforms.Augmentation,
+                 seed: int = 0) -> np.ndarray:
   """One draw of the transform's output size for each original (height, width)."""
   ds = tf.data.Dataset.from_tensor_slices(np.asarray(image_sizes, np.int32)).enumerate()
   ds = ds.map(lambda i, hw: transforms.sample_geometry(
@@ -281,9 +282,9 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
   buckets = _bucket_shapes(cfg, source, aug, train)
   example_fn = _example_fn(source, aug, buckets, _max_rescale(cfg, train), cfg.max_boxes)
 
+  host_examples = -(-source.num_examples // process_count)  # The largest shard.
   ds = source.elements
   if train:
-    host_examples = -(-source.num_examples // process_count)
     ds = ds.shuffle(min(cfg.shuffle_buffer, host_examples), seed=shuffle_seed,
                     reshuffle_each_iteration=True).repeat()
     base_seed = tf.constant([shuffle_seed, process_index], tf.int64)
@@ -304,12 +305,10 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
   ds = ds.with_options(options).prefetch(cfg.prefetch)
 
   num_batches = None
-  if not train:
-    # An upper bound of sum over buckets of ceil(n_b / B), for the largest shard.
-    host_examples = -(-source.num_examples // process_count)
+  if not train:  # An upper bound of the sum over buckets of ceil(examples / batch_size).
     num_batches = (host_examples + len(buckets) * (batch_size - 1)) // batch_size
   return DetectionDataset(
       tf_dataset=ds, batch_size=batch_size, train=train, num_examples=source.num_examples,
       category_ids=tuple(source.category_ids), class_names=tuple(source.class_names),
       bucket_shapes=buckets, num_batches=num_batches, fixed_length=process_count > 1,
-      ground_truth=functools.cache(source.ground_truth))
+      ground_truth_fn=functools.cache(source.ground_truth))

@@ -3,6 +3,7 @@
 import itertools
 import os
 
+import ml_collections
 import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
@@ -56,9 +57,10 @@ def test_round_trip_to_original_boxes(real_folder, real_data, folder_config):
       assert [ds.category_ids[l] for l in labels] == [originals[image_id]['category_id']]
       h, w = batch['size'][i]
       # The uniform (128, 64, 32) image, ImageNet-normalized (up to JPEG rounding).
-      expected = (np.array([128, 64, 32]) / 255 - transforms.IMAGENET_MEAN) / transforms.IMAGENET_STD
-      np.testing.assert_allclose(batch['inputs'][i, :h, :w], np.broadcast_to(expected, (h, w, 3)),
-                                 atol=0.05)
+      expected = ((np.array([128, 64, 32]) / 255 - transforms.IMAGENET_MEAN)
+                  / transforms.IMAGENET_STD)
+      np.testing.assert_allclose(batch['inputs'][i, :h, :w],
+                                 np.broadcast_to(expected, (h, w, 3)), atol=0.05)
   assert ds.num_classes == 2 and ds.category_ids == (44, 64)
 
 
@@ -86,8 +88,8 @@ def test_train_order_and_augmentation_follow_the_seed(toy_config):
   for x, y in zip(a, b):
     for key in x:
       np.testing.assert_array_equal(x[key], y[key])
-  assert any(not np.array_equal(x['image_id'], z['image_id']) or x['inputs'].shape != z['inputs'].shape
-             or not np.array_equal(x['boxes'], z['boxes']) for x, z in zip(a, c))
+  assert any(x['inputs'].shape != z['inputs'].shape or not np.array_equal(x['boxes'], z['boxes'])
+             for x, z in zip(a, c))
 
 
 def test_eval_visits_every_example_once_and_scores_perfect_detections(toy_config):
@@ -134,7 +136,7 @@ def test_toy_dataset_is_made_on_first_use(tmp_path):
   cfg = pipeline.toy_config(str(tmp_path / 'toy'), image_size=64)
   cfg.toy.update({'num_train': 6, 'num_val': 3})
   cfg.bucket_sample_size = 100
-  config = pipeline.ml_collections.ConfigDict({'dataset': cfg})
+  config = ml_collections.ConfigDict({'dataset': cfg})
   ds = pipeline.build_dataset(config, split='val', global_batch_size=2, shuffle_seed=0,
                               train=False)
   assert ds.num_examples == 3

@@ -103,7 +103,7 @@ def test_image_of_another_size_names_the_file(tmp_path, real_data, write_folder,
     _examples(source)
 
 
-def test_skip_bad_examples_logs_count_and_list(tmp_path, real_data, crowd_data, caplog, write_folder):
+def test_skip_bad_examples_logs_count_and_list(tmp_path, crowd_data, caplog, write_folder):
   data = copy.deepcopy(crowd_data)
   data['annotations'][0]['bbox'][3] = -1.0  # Annotation 82445 of image 397133.
   data['annotations'].append({'id': 77, 'image_id': 37777, 'category_id': 1,
@@ -131,4 +131,5 @@ def test_ground_truth_loads_in_pycocotools(real_folder, real_data):
   coco.dataset = _source(*real_folder).ground_truth()
   coco.createIndex()
   assert coco.getCatIds() == [44, 64]
-  assert coco.loadAnns(coco.getAnnIds(imgIds=[397133]))[0]['bbox'] == real_data['annotations'][0]['bbox']
+  ann = coco.loadAnns(coco.getAnnIds(imgIds=[397133]))[0]
+  assert ann['bbox'] == real_data['annotations'][0]['bbox']

@@ -28,7 +28,8 @@ def test_dataset_is_consistent_and_varied(toy_dir):
     with Image.open(os.path.join(paths['train_images'], image['file_name'])) as pixels:
       assert pixels.size == (image['width'], image['height'])
     assert max(image['height'], image['width']) == 64
-    aspects.add(round(max(image['height'], image['width']) / min(image['height'], image['width']), 1))
+    aspects.add(round(max(image['height'], image['width'])
+                      / min(image['height'], image['width']), 1))
     anns = coco.loadAnns(coco.getAnnIds(imgIds=[image['id']]))
     counts.append(len(anns))
     for ann in anns:

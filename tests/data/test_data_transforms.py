@@ -78,8 +78,8 @@ def test_apply_geometry_chains_flip_crop_and_resize():
 
 def test_normalize_image_uses_imagenet_statistics():
   out = transforms.normalize_image(tf.constant([[[255, 0, 51]]], tf.uint8))
-  np.testing.assert_allclose(out[0, 0], [(1 - 0.485) / 0.229, -0.456 / 0.224, (0.2 - 0.406) / 0.225],
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+      out[0, 0], [(1 - 0.485) / 0.229, -0.456 / 0.224, (0.2 - 0.406) / 0.225], rtol=1e-6)
 
 
 def test_to_normalized_cxcywh():
@@ -102,7 +102,8 @@ def test_eval_geometry_is_the_plain_resize():
 
 
 def test_train_geometry_follows_detr():
-  draws = [transforms.sample_geometry(480, 640, tf.constant([7, i]), DETR_TRAIN) for i in range(300)]
+  draws = [transforms.sample_geometry(480, 640, tf.constant([7, i]), DETR_TRAIN)
+           for i in range(300)]
   flips = np.mean([bool(g['flip']) for g in draws])
   crops = np.mean([bool(g['crop']) for g in draws])
   assert 0.4 < flips < 0.6 and 0.4 < crops < 0.6
