@@ -1,5 +1,8 @@
 """The project's only contact with Scenic, which is optional.
 
+`run(main)` launches a Scenic-style `main(rng, config, workdir, writer)` through
+`scenic.app.run` when Scenic is importable, and through `qna_detr.app` (same flags) otherwise.
+
 When Scenic is importable, importing this module registers the input pipeline in Scenic's
 dataset registry as `DATASET_NAME`, so that a Scenic config can say
 `config.dataset_name = 'qna_detr_coco'` and put the `config.dataset` keys of
@@ -10,7 +13,7 @@ module imports and registers nothing.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +27,19 @@ try:
   from scenic.dataset_lib import datasets
 except ImportError:
   dataset_utils = datasets = None
+
+
+def available() -> bool:
+  return datasets is not None
+
+
+def run(main: Callable) -> None:
+  """Runs `main` under Scenic's launcher, or the project's own when Scenic is absent."""
+  if available():
+    from scenic import app  # pylint: disable=g-import-not-at-top
+  else:
+    from qna_detr import app  # pylint: disable=g-import-not-at-top
+  app.run(main)
 
 DATASET_NAME = 'qna_detr_coco'
 
@@ -86,7 +102,7 @@ def get_dataset(*, batch_size: int, eval_batch_size: int, num_shards: int,
 
 def register() -> bool:
   """Registers `get_dataset` with Scenic under `DATASET_NAME`; False without Scenic."""
-  if datasets is None:
+  if not available():
     return False
   if DATASET_NAME not in datasets.DatasetRegistry.list():
     datasets.DatasetRegistry.add(DATASET_NAME, get_dataset)
