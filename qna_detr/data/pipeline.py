@@ -31,7 +31,7 @@ from qna_detr.data import toy
 from qna_detr.data import transforms
 
 Batch = dict[str, np.ndarray]
-Example = dict[str, tf.Tensor]
+Example = sources.Example
 NAMES = ('coco_folder', 'tfds_coco', 'toy')
 
 
