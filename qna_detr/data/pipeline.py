@@ -31,6 +31,7 @@ from qna_detr.data import toy
 from qna_detr.data import transforms
 
 Batch = dict[str, np.ndarray]
+Example = sources.Example
 NAMES = ('coco_folder', 'tfds_coco', 'toy')
 
 
@@ -193,7 +194,14 @@ def _bucket_shapes(cfg: ml_collections.ConfigDict, source: sources.Source,
                    aug: transforms.Augmentation, train: bool) -> tuple[tuple[int, int], ...]:
   key = 'train_bucket_shapes' if train else 'eval_bucket_shapes'
   if cfg[key]:
-    return tuple(tuple(int(v) for v in shape) for shape in cfg[key])
+    shapes = tuple(tuple(int(v) for v in shape) for shape in cfg[key])
+    short, long = aug.max_output_shape
+    if not all(any(h >= a and w >= b for h, w in shapes) for a, b in [(short, long),
+                                                                         (long, short)]):
+      raise ValueError(f'config.dataset.{key} {[list(s) for s in shapes]} has no shape that '
+                       f'holds a {short} x {long} image, or no shape that holds a {long} x '
+                       f'{short} one')
+    return shapes
   sizes = source.image_sizes(cfg.bucket_sample_size)
   if train:  # Several random draws per image of a small split.
     sizes = np.resize(sizes, (cfg.bucket_sample_size, 2))
@@ -211,10 +219,14 @@ def _max_rescale(cfg: ml_collections.ConfigDict, train: bool) -> float:
 
 def _example_fn(source: sources.Source, aug: transforms.Augmentation,
                 buckets: tuple[tuple[int, int], ...], max_rescale: float, max_boxes: int):
-  """element, seed -> (bucket index, padded example) in the batch structure."""
+  """element, seed -> (bucket index, example): the resized uint8 image, unpadded, and targets.
+
+  Images stay uint8 (as PIL's resize leaves them in DETR) and unpadded until batching, so
+  that the examples waiting for their bucket's batch to fill take a quarter of the memory.
+  """
   bucket_table = tf.constant(buckets, tf.int32)
 
-  def fn(element: dict[str, tf.Tensor], seed: tf.Tensor) -> tuple[tf.Tensor, dict[str, tf.Tensor]]:
+  def fn(element: dict[str, tf.Tensor], seed: tf.Tensor) -> tuple[tf.Tensor, Example]:
     ex = source.load(element)
     orig_size = tf.shape(ex['image'])[:2]
     boxes, labels = transforms.clip_boxes(ex['boxes'], ex['labels'], orig_size[0], orig_size[1])
@@ -227,25 +239,45 @@ def _example_fn(source: sources.Source, aug: transforms.Augmentation,
     if num_boxes > max_boxes:
       tf.print('WARNING: image', ex['image_id'], 'has', num_boxes,
                f'boxes; dropped those beyond max_boxes={max_boxes}')
-    boxes = transforms.to_normalized_cxcywh(boxes[:max_boxes], size[0], size[1])
     kept = tf.minimum(num_boxes, max_boxes)
     box_pad = [[0, max_boxes - kept]]
-    bucket = bucket_table[index]
-    pixel_pad = [[0, bucket[0] - size[0]], [0, bucket[1] - size[1]]]
-    example = {
-        'inputs': tf.pad(transforms.normalize_image(image), pixel_pad + [[0, 0]]),
-        'padding_mask': tf.pad(tf.zeros(size, tf.bool), pixel_pad, constant_values=True),
+    boxes = transforms.to_normalized_cxcywh(boxes[:kept], size[0], size[1])
+    return index, {
+        'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
         'boxes': tf.ensure_shape(tf.pad(boxes, box_pad + [[0, 0]]), [max_boxes, 4]),
-        'labels': tf.ensure_shape(tf.pad(labels[:max_boxes], box_pad), [max_boxes]),
+        'labels': tf.ensure_shape(tf.pad(labels[:kept], box_pad), [max_boxes]),
         'box_mask': tf.ensure_shape(tf.pad(tf.ones([kept], tf.bool), box_pad), [max_boxes]),
         'image_id': tf.cast(ex['image_id'], tf.int64),
         'orig_size': orig_size,
         'size': size,
         'valid': tf.constant(True),
     }
-    return index, example
 
   return fn
+
+
+def _batch_bucket(buckets: tuple[tuple[int, int], ...], batch_size: int, drop_remainder: bool):
+  """group_by_window's reduce function: batches one bucket's examples, padded to its shape."""
+  bucket_table = tf.constant(buckets, tf.int64)
+
+  def reduce(index: tf.Tensor, window: tf.data.Dataset) -> tf.data.Dataset:
+    window = window.map(lambda _, ex: ex)
+    shapes = {k: spec.shape for k, spec in window.element_spec.items()}
+    shapes['image'] = tf.concat([bucket_table[index], [3]], 0)
+    return window.padded_batch(batch_size, padded_shapes=shapes, drop_remainder=drop_remainder)
+
+  return reduce
+
+
+def _finish_batch(batch: Example) -> Example:
+  """Normalizes the padded uint8 images, with 0.0 and a True mask at padded pixels."""
+  batch = dict(batch)
+  image = batch.pop('image')
+  rows = tf.range(tf.shape(image)[1])[None, :, None]
+  cols = tf.range(tf.shape(image)[2])[None, None, :]
+  padding_mask = (rows >= batch['size'][:, :1, None]) | (cols >= batch['size'][:, None, 1:])
+  inputs = tf.where(padding_mask[..., None], 0.0, transforms.normalize_image(image))
+  return {'inputs': inputs, 'padding_mask': padding_mask, **batch}
 
 
 def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
@@ -294,11 +326,10 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
   else:
     ds = ds.map(lambda el: example_fn(el, tf.constant([0, 0], tf.int64)),
                 num_parallel_calls=tf.data.AUTOTUNE)
-  ds = ds.group_by_window(
-      key_func=lambda index, _: tf.cast(index, tf.int64),
-      reduce_func=lambda _, window: window.map(lambda _, ex: ex).batch(
-          batch_size, drop_remainder=train),
-      window_size=batch_size)
+  ds = ds.group_by_window(key_func=lambda index, _: tf.cast(index, tf.int64),
+                          reduce_func=_batch_bucket(buckets, batch_size, drop_remainder=train),
+                          window_size=batch_size)
+  ds = ds.map(_finish_batch, num_parallel_calls=tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1

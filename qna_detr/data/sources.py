@@ -58,6 +58,7 @@ _IMAGE_SIGNATURES = {  # format: (leading bytes, trailing marker that a complete
     'PNG': (b'\x89PNG\r\n\x1a\n', b'IEND'),
 }
 _TAIL_BYTES = 64
+_MISSING = 'missing file'
 
 
 def _image_file_problem(path: str) -> str | None:
@@ -69,7 +70,7 @@ def _image_file_problem(path: str) -> str | None:
       f.seek(max(0, size - _TAIL_BYTES))
       tail = f.read()
   except FileNotFoundError:
-    return 'missing file'
+    return _MISSING
   except OSError as e:
     return f'unreadable file ({e})'
   if size == 0:
@@ -91,7 +92,8 @@ def _check_image_files(annotations: coco_json.CocoAnnotations, image_dir: str,
   if bad and not skip_bad_examples:
     listed = '\n  '.join(f'image {i}: {why}' for i, why in list(bad.items())[:20])
     more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
-    error = FileNotFoundError if all('missing' in why for why in bad.values()) else ValueError
+    missing = all(p in (None, _MISSING) for p in problems)
+    error = FileNotFoundError if missing else ValueError
     raise error(f'{len(bad)} bad image file(s) for {annotations.path} '
                 f'(set skip_bad_examples to skip them):\n  {listed}{more}')
   return annotations.without_images(bad)

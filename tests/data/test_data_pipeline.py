@@ -151,6 +151,13 @@ def test_explicit_bucket_shapes_are_used(toy_config):
   assert {b['inputs'].shape[1:3] for b in ds} == {(128, 128)}
 
 
+def test_explicit_bucket_shapes_must_hold_the_largest_images(toy_config):
+  toy_config.dataset.eval_bucket_shapes = [[64, 128]]  # Landscape only.
+  with pytest.raises(ValueError, match='eval_bucket_shapes .* 107 x 64'):
+    pipeline.build_dataset(toy_config, split='val', global_batch_size=4, shuffle_seed=0,
+                           train=False)
+
+
 @pytest.mark.parametrize('overrides, split, match', [
     ({'name': 'imagenet'}, 'train', 'Unknown config.dataset.name'),
     ({}, 'test', "split must be 'train' or 'val'"),
