@@ -43,13 +43,19 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config = detr_coco('qna_vit_nano')
   config.experiment_name = 'detr_qna_vit_nano_toy'
   config.dataset = pipeline.toy_config('', image_size)  # '' = WORKDIR/toy_coco.
-  config.dataset.max_boxes = 20
+  # One padded shape for training and one for evaluation: on a CPU each shape costs a
+  # compilation of tens of seconds, more than the padding it would save.
+  config.dataset.update(dict(
+      train_max_size=image_size, eval_max_size=image_size, max_boxes=20,
+      train_bucket_shapes=[[image_size, image_size]],
+      eval_bucket_shapes=[[image_size, image_size]]))
   config.model.update(dict(num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=2,
                            num_decoder_layers=2, dim_feedforward=512, dropout=0.0))
   config.optimizer.update(dict(lr=2e-4, backbone_lr=2e-4, decay_epochs=[40]))
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_epochs = 50
+  config.eval_top_k = 20
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
   config.eval_every_epochs = 25.0

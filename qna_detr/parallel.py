@@ -1,13 +1,18 @@
 """Data parallelism over every device of every process: one mesh axis that shards the batch."""
+from typing import Optional, Sequence
+
 import jax
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
 BATCH_AXIS = 'data'
 
 
-def data_mesh() -> jax.sharding.Mesh:
-  """A 1-D mesh over all devices (all processes), in auto-sharding mode for plain `jit`."""
-  return jax.make_mesh((jax.device_count(),), (BATCH_AXIS,), axis_types=(AxisType.Auto,))
+def data_mesh(devices: Optional[Sequence[jax.Device]] = None) -> jax.sharding.Mesh:
+  """A 1-D mesh over `devices` (default: all devices of all processes), in auto-sharding
+  mode so that plain `jit` with shardings partitions the step."""
+  devices = jax.devices() if devices is None else list(devices)
+  return jax.make_mesh((len(devices),), (BATCH_AXIS,), axis_types=(AxisType.Auto,),
+                       devices=devices)
 
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:

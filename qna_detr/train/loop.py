@@ -18,6 +18,7 @@ import numpy as np
 
 from qna_detr import models
 from qna_detr import parallel
+from qna_detr.backbones import pretrained
 from qna_detr.backbones import registry
 from qna_detr.data import batching
 from qna_detr.data import pipeline
@@ -36,6 +37,9 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
     raise ValueError(f'config.model.backbone={config.model.backbone!r} is not a registered '
                      f'backbone; choose one of {registry.names()}.')
   models.compute_dtype(config.model.dtype)
+  if not 1 <= config.eval_top_k <= config.model.num_queries:
+    raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
+                     f'config.model.num_queries={config.model.num_queries}].')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
   if config.dataset.name == 'toy' and not config.dataset.data_dir:
@@ -55,6 +59,16 @@ def build_matcher(config: ml_collections.ConfigDict) -> HungarianMatcher:
   m = config.matcher
   return HungarianMatcher(cost_class=m.cost_class, cost_bbox=m.cost_bbox, cost_giou=m.cost_giou,
                           solver=m.solver, batch_axis=parallel.BATCH_AXIS)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
+                   mesh: jax.sharding.Mesh):
+  """The train step, jitted for a replicated state and a batch split over `mesh`."""
+  replicated = parallel.replicated(mesh)
+  step = steps.make_train_step(model, tx, build_matcher(config), LossWeights(**config.loss),
+                               schedules)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)
 
 
 def _next_global_batch(iterator, sharding) -> dict[str, jax.Array]:
@@ -102,11 +116,11 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator=iterator)
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
-  weights = LossWeights(**config.loss)
-  train_step = jax.jit(
-      steps.make_train_step(model, tx, build_matcher(config), weights, schedules),
-      in_shardings=(replicated, batch_sharding),
-      out_shardings=(replicated, replicated), donate_argnums=0)
+  elif config.pretrained.path:
+    params, _ = pretrained.load_backbone(jax.device_get(state.params), config.pretrained.path,
+                                         config.pretrained.format)
+    state = state.replace(params=jax.device_put(params, replicated))
+  train_step = jit_train_step(config, model, tx, schedules, mesh)
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
 
   start_step = int(state.step)

@@ -1,0 +1,104 @@
+"""Data parallelism: 8 simulated devices against 1, and two processes over jax.distributed.
+
+Each runs in fresh interpreters: the device count and jax.distributed must be set up before
+JAX starts.
+"""
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+EIGHT_VERSUS_ONE = textwrap.dedent('''
+    import sys
+    import jax
+    import numpy as np
+    sys.path.insert(0, sys.argv[2])
+    import train_testing
+    from qna_detr import models, parallel
+    from qna_detr.data import batching
+    from qna_detr.train import loop, optimizer, steps
+
+    assert jax.device_count() == 8
+    config = loop.resolve_config(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
+    train_ds, _ = loop.build_datasets(config)
+    model = models.build_detr(config.model, train_ds.num_classes)
+    tx, schedules = optimizer.build_optimizer(config, epoch_steps=10)
+    batch = next(iter(train_ds))
+    results = []
+    for devices in (jax.devices()[:1], jax.devices()):
+      mesh = parallel.data_mesh(devices)
+      state = steps.create_state(model, tx, jax.random.PRNGKey(0), train_ds.bucket_shapes[0])
+      state = jax.device_put(state, parallel.replicated(mesh))
+      step = loop.jit_train_step(config, model, tx, schedules, mesh)
+      with jax.set_mesh(mesh):
+        state, metrics = step(state, batching.to_global_arrays(batch, parallel.batch_sharding(mesh)))
+      results.append((jax.device_get(state.params), jax.device_get(metrics)))
+    (p1, m1), (p8, m8) = results
+    np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    moved = jax.tree.leaves(steps.create_state(model, tx, jax.random.PRNGKey(0),
+                                               train_ds.bucket_shapes[0]).params)
+    assert any(not np.allclose(a, b) for a, b in zip(moved, jax.tree.leaves(p8)))
+    try:
+      loop.resolve_config(train_testing.micro_config(sys.argv[1], batch_size=12), sys.argv[1])
+    except ValueError as e:
+      assert 'config.batch_size=12' in str(e), e
+    else:
+      raise AssertionError('a batch of 12 on 8 devices was accepted')
+    print('OK', float(m8['loss']))
+''')
+
+
+def _env(**extra):
+  python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+  return {**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **extra}
+
+
+def test_eight_devices_equal_one(tmp_path):
+  result = subprocess.run(
+      [sys.executable, '-c', EIGHT_VERSUS_ONE, str(tmp_path / 'data'), str(ROOT / 'tests/train')],
+      env=_env(XLA_FLAGS='--xla_force_host_platform_device_count=8'),
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0 and 'OK' in result.stdout, result.stderr[-4000:]
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_over_jax_distributed(tmp_path):
+  """The launcher on two processes (one CPU device each) trains and evaluates together."""
+  config_file = tmp_path / 'micro_config.py'
+  config_file.write_text(textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(ROOT / 'tests/train')!r})
+      import train_testing
+
+      def get_config():
+        return train_testing.micro_config({str(tmp_path / 'data')!r}, steps=3)
+  '''))
+  port = _free_port()
+  workdir = tmp_path / 'run'
+  procs = [subprocess.Popen(
+      [sys.executable, str(ROOT / 'projects/qna_detr/main.py'), f'--config={config_file}',
+       f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2',
+       f'--process_id={i}'],
+      env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  outputs = [p.communicate(timeout=900) for p in procs]
+  for p, (_, err) in zip(procs, outputs):
+    assert p.returncode == 0, err[-4000:]
+  metrics = json.loads((workdir / 'metrics.json').read_text())
+  assert set(metrics) >= {'AP', 'AP50', 'AR100'}
+  # Both processes log the same global loss at every step: one program over both devices.
+  losses = [[line.split(' loss=')[1].split(',')[0] for line in err.splitlines()
+             if ' loss=' in line] for _, err in outputs]
+  assert len(losses[0]) == 3 and losses[0] == losses[1]

@@ -1,0 +1,68 @@
+"""The training loop: exact resume, bad configs named, the final metrics file."""
+import json
+
+from clu import metric_writers
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from qna_detr.train import loop
+import train_testing
+
+
+def _run(config, workdir):
+  writer = metric_writers.LoggingWriter()
+  return loop.train_and_evaluate(jax.random.PRNGKey(0), config, str(workdir), writer)
+
+
+def _params_at(workdir, step):
+  """The parameters stored by the checkpoint of `step`, read back through orbax."""
+  manager = ocp.CheckpointManager(str(workdir / 'checkpoints'))
+  try:
+    return manager.restore(step)['params']
+  finally:
+    manager.close()
+
+
+def test_resumed_run_equals_uninterrupted_run(tmp_path):
+  data = str(tmp_path / 'data')
+  config = train_testing.micro_config(data, steps=4)
+  metrics = _run(config, tmp_path / 'straight')
+  assert set(metrics) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                          'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'}
+  written = json.loads((tmp_path / 'straight' / 'metrics.json').read_text())
+  assert written == pytest.approx(metrics)
+
+  half = train_testing.micro_config(data, steps=2)
+  _run(half, tmp_path / 'resumed')  # Stops after step 2 (checkpointed).
+  _run(config, tmp_path / 'resumed')  # Picks up at step 2, runs to 4.
+  straight = jax.tree.leaves(_params_at(tmp_path / 'straight', 4))
+  resumed = jax.tree.leaves(_params_at(tmp_path / 'resumed', 4))
+  for a, b in zip(straight, resumed, strict=True):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+  # Steps 3 and 4 changed the parameters, so the equality above says something.
+  at_two = jax.tree.leaves(_params_at(tmp_path / 'straight', 2))
+  assert any(not np.allclose(a, b) for a, b in zip(at_two, straight))
+
+
+@pytest.mark.parametrize('key,value,message', [
+    ('model.backbone', 'qna_vit_huge', 'config.model.backbone'),
+    ('model.dtype', 'float8', 'config.model.dtype'),
+    ('eval_top_k', 50, 'config.eval_top_k'),
+])
+def test_bad_config_names_the_key(tmp_path, key, value, message):
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  section, _, name = key.rpartition('.')
+  (config[section] if section else config)[name] = value
+  with pytest.raises(ValueError, match=message.replace('.', r'\.')):
+    loop.resolve_config(config, str(tmp_path))
+
+
+def test_missing_dataset_is_named(tmp_path):
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  config.dataset.name = 'coco_folder'
+  config.dataset.train_json = str(tmp_path / 'nowhere' / 'instances_train.json')
+  config.dataset.train_images = str(tmp_path / 'nowhere')
+  with pytest.raises((ValueError, FileNotFoundError), match='instances_train.json'):
+    loop.build_datasets(loop.resolve_config(config, str(tmp_path)))
