@@ -21,7 +21,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))
   config.loss = ml_collections.ConfigDict(dict(ce=1.0, bbox=5.0, giou=2.0, no_object=0.1))
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=[50],
+      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=(50,),
       decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet QnA-ViT checkpoint for the backbone ('' = train from scratch).
@@ -47,11 +47,11 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   # compilation of tens of seconds, more than the padding it would save.
   config.dataset.update(dict(
       train_max_size=image_size, eval_max_size=image_size, max_boxes=20,
-      train_bucket_shapes=[[image_size, image_size]],
-      eval_bucket_shapes=[[image_size, image_size]]))
+      train_bucket_shapes=((image_size, image_size),),
+      eval_bucket_shapes=((image_size, image_size),)))
   config.model.update(dict(num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=2,
                            num_decoder_layers=2, dim_feedforward=512, dropout=0.0))
-  config.optimizer.update(dict(lr=2e-4, backbone_lr=2e-4, decay_epochs=[40]))
+  config.optimizer.update(dict(lr=2e-4, backbone_lr=2e-4, decay_epochs=(40,)))
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_epochs = 50

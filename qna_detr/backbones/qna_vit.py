@@ -3,7 +3,8 @@
 A 4x4 stride-4 patch stem, then four stages. Inside stage i: windowed self-attention blocks,
 then QnA blocks, then (except in the last stage) one stride-2 QnA block that doubles width and
 heads with a 1x1 stride-2 conv on its shortcut. The feature pyramid is read before each
-downsampling block, giving strides 4, 8, 16 and 32 with their padding masks.
+downsampling block: strides 4, 8, 16 and 32 for the four-stage variants, with their padding
+masks.
 """
 import dataclasses
 from typing import Optional, Sequence
@@ -55,11 +56,11 @@ VARIANTS = {
         dims=(96, 192, 384, 768), qna_blocks=(2, 3, 6, 0), qna_heads=(6, 12, 24, 48),
         sa_blocks=(0, 0, 12, 2), sa_windows=(7, 7, 14, 7), sa_heads=(3, 6, 12, 24),
         drop_path=0.5),
-    # Not from the paper: every block kind at CPU size, for the toy dataset and tests.
+    # Not from the paper: every block kind at CPU size, for the toy dataset and tests. Three
+    # stages, so the detector reads stride-16 features (8 x 8 tokens on 128 px images).
     'qna_vit_nano': QnAViTSpec(
-        dims=(32, 64, 128, 256), qna_blocks=(1, 1, 1, 0), qna_heads=(4, 8, 16, 32),
-        sa_blocks=(0, 0, 1, 1), sa_windows=(7, 7, 8, 4), sa_heads=(1, 2, 4, 8),
-        drop_path=0.0),
+        dims=(32, 64, 128), qna_blocks=(1, 2, 2), qna_heads=(4, 8, 16),
+        sa_blocks=(0, 0, 2), sa_windows=(7, 7, 8), sa_heads=(1, 2, 4), drop_path=0.0),
 }
 
 
@@ -85,7 +86,7 @@ class QnAViT(nn.Module):
                train: bool = False) -> list[FeatureMap]:
     """images: [B, H, W, 3]; padding_mask: [B, H, W] bool, True = padded pixel.
 
-    Returns the FeatureMaps at strides 4, 8, 16 and 32. Padded positions hold zeros.
+    Returns one FeatureMap per stage (strides 4, 8, 16, ...). Padded positions hold zeros.
     """
     if images.ndim != 4:
       raise ValueError(f'images must have rank 4 [B, H, W, C], got shape {images.shape}.')

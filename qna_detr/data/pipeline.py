@@ -49,18 +49,19 @@ def default_config() -> ml_collections.ConfigDict:
       'val_json': '',
       'val_images': '',
       # DETR's transforms.
-      'train_scales': list(range(480, 801, 32)),
+      'train_scales': tuple(range(480, 801, 32)),
       'train_max_size': 1333,
-      'crop_resize_scales': [400, 500, 600],
+      'crop_resize_scales': (400, 500, 600),
       'crop_min_size': 384,
       'crop_max_size': 600,
       'eval_scale': 800,
       'eval_max_size': 1333,
       'max_boxes': 100,  # Boxes beyond it are dropped (with a logged warning).
       'skip_bad_examples': False,  # Skip bad images and annotations, logged, or raise.
-      # Buckets: explicit [[H, W], ...] per split, or derived from a sample of the split.
-      'train_bucket_shapes': [],
-      'eval_bucket_shapes': [],
+      # Buckets: explicit ((H, W), ...) per split, or derived from a sample of the split.
+      # Tuples, not lists, so that --config.KEY='(...)' can override them.
+      'train_bucket_shapes': (),
+      'eval_bucket_shapes': (),
       'num_buckets': 8,
       'bucket_multiple': 32,  # The backbone's total stride.
       'bucket_max_rescale': 1.05,  # Training images may be rescaled by up to this to fit.
@@ -78,9 +79,9 @@ def toy_config(data_dir: str, image_size: int = 128) -> ml_collections.ConfigDic
   config.data_dir = data_dir
   config.toy.image_size = image_size
   scale = image_size / 800
-  config.train_scales = sorted({int(round(s * scale / 8)) * 8 for s in range(480, 801, 64)})
+  config.train_scales = tuple(sorted({int(round(s * scale / 8)) * 8 for s in range(480, 801, 64)}))
   config.train_max_size = config.eval_max_size = int(round(1333 * scale))
-  config.crop_resize_scales = [int(round(s * scale)) for s in (400, 500, 600)]
+  config.crop_resize_scales = tuple(int(round(s * scale)) for s in (400, 500, 600))
   config.crop_min_size = int(round(384 * scale))
   config.crop_max_size = int(round(600 * scale))
   config.eval_scale = image_size

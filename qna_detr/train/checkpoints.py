@@ -64,14 +64,31 @@ class Checkpointer:
     self._manager.close()
 
 
-def restore_params(path: str, abstract_state: Any) -> Any:
-  """The train state stored at an orbax checkpoint directory (e.g. WORKDIR/checkpoints/1000)."""
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'No checkpoint directory at {path}.')
-  step_dir = os.path.abspath(path)
+def find(workdir: str, checkpoint: Optional[str] = None) -> str:
+  """The step directory to read: `checkpoint` if given, else the workdir's latest."""
+  if checkpoint:
+    if not os.path.isdir(checkpoint) or not os.path.basename(os.path.normpath(checkpoint)).isdigit():
+      raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
+                              '(WORKDIR/checkpoints/<step>).')
+    return os.path.abspath(checkpoint)
+  root = os.path.abspath(os.path.join(workdir, 'checkpoints'))
+  steps = sorted(int(n) for n in os.listdir(root) if n.isdigit()) if os.path.isdir(root) else []
+  if not steps:
+    raise FileNotFoundError(f'No checkpoint in {root} (train first, or pass --checkpoint).')
+  return os.path.join(root, str(steps[-1]))
+
+
+def restore_state(step_dir: str, abstract_state: Any) -> Any:
+  """The train state stored in an orbax step directory (e.g. WORKDIR/checkpoints/1000).
+
+  A checkpoint of another model (a different config) fails with a message naming both.
+  """
   manager = ocp.CheckpointManager(os.path.dirname(step_dir))
   try:
     return manager.restore(int(os.path.basename(step_dir)),
                            args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:
+    raise ValueError(f'The checkpoint {step_dir} does not fit the model of this config (was it '
+                     f'written with another config?): {str(e)[:2000]}') from e
   finally:
     manager.close()

@@ -15,13 +15,12 @@ def params_by_group(params: Any) -> dict[str, int]:
   return {name: count_params(sub) for name, sub in params.items()}
 
 
-def compiled_stats(fn: Callable, *args: Any) -> dict[str, float]:
-  """FLOPs (a multiply-add counts 2) and peak bytes of `jax.jit(fn)` on these arguments.
+def stats_of(compiled: jax.stages.Compiled) -> dict[str, float]:
+  """FLOPs (a multiply-add counts 2) and peak bytes of a compiled program.
 
-  Peak bytes = arguments + outputs + temporaries of the compiled program, the memory it needs
-  while it runs (aliased arguments are not double-counted).
+  Peak bytes = arguments + outputs + temporaries, the memory the program needs while it runs
+  (donated/aliased buffers are not double-counted).
   """
-  compiled = jax.jit(fn).lower(*args).compile()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]
@@ -29,3 +28,8 @@ def compiled_stats(fn: Callable, *args: Any) -> dict[str, float]:
   peak = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
           - mem.alias_size_in_bytes)
   return {'flops': float(cost.get('flops', 0.0)), 'peak_bytes': int(peak)}
+
+
+def compiled_stats(fn: Callable, *args: Any) -> dict[str, float]:
+  """`stats_of` the program `jax.jit(fn)` compiles for these arguments."""
+  return stats_of(jax.jit(fn).lower(*args).compile())
