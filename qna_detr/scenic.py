@@ -13,6 +13,7 @@ module imports and registers nothing.
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Any, Callable, Iterator
 
 import jax
@@ -22,11 +23,14 @@ import numpy as np
 
 from qna_detr.data import pipeline
 
-try:
-  from scenic.dataset_lib import dataset_utils
-  from scenic.dataset_lib import datasets
-except ImportError:
+if os.environ.get('QNA_DETR_DISABLE_SCENIC'):  # Run without Scenic even where it is installed.
   dataset_utils = datasets = None
+else:
+  try:
+    from scenic.dataset_lib import dataset_utils
+    from scenic.dataset_lib import datasets
+  except ImportError:
+    dataset_utils = datasets = None
 
 
 def available() -> bool:

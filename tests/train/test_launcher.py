@@ -1,0 +1,63 @@
+"""projects/qna_detr/main.py through the project's own entry point, and through Scenic's.
+
+Both take --config=FILE with --config.KEY=VALUE overrides and --workdir, train, checkpoint and
+write WORKDIR/metrics.json. The Scenic run is skipped where Scenic is not importable.
+"""
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _config_file(tmp_path) -> pathlib.Path:
+  path = tmp_path / 'micro_config.py'
+  path.write_text(textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(ROOT / 'tests/train')!r})
+      import train_testing
+
+      def get_config():
+        return train_testing.micro_config({str(tmp_path / 'data')!r}, steps=4)
+  '''))
+  return path
+
+
+def _launch(tmp_path, extra_env=None) -> pathlib.Path:
+  workdir = tmp_path / 'run'
+  python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+  result = subprocess.run(
+      [sys.executable, str(ROOT / 'projects/qna_detr/main.py'),
+       f'--config={_config_file(tmp_path)}', f'--workdir={workdir}',
+       '--config.num_train_steps=3', '--config.checkpoint_every_steps=1000'],
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
+      capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-4000:]
+  return workdir
+
+
+def _check_run(workdir: pathlib.Path) -> None:
+  # The override (3 steps, checkpoint only at the end) reached the run.
+  assert sorted(os.listdir(workdir / 'checkpoints')) == ['3']
+  metrics = json.loads((workdir / 'metrics.json').read_text())
+  assert list(metrics) == ['AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
+                           'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl']
+  assert all(-1.0 <= v <= 1.0 for v in metrics.values())
+  assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
+
+
+def test_own_entry_point(tmp_path):
+  _check_run(_launch(tmp_path, {'QNA_DETR_DISABLE_SCENIC': '1'}))
+
+
+@pytest.mark.skipif(importlib.util.find_spec('scenic') is None or
+                    importlib.util.find_spec('scenic.app') is None,
+                    reason='Scenic is not importable (it is not on PyPI; see the README)')
+def test_scenic_entry_point(tmp_path):
+  _check_run(_launch(tmp_path))
