@@ -1,0 +1,304 @@
+"""Times QnA against its local-attention peers, side by side on the same inputs.
+
+Layers (all with the same channels and heads, and the same window size k):
+  qna     QnA with its default 2 learned queries (window softmax as k x k window sums);
+  sasa    SASA, the QnA paper's baseline: every pixel attends its own k x k neighbourhood,
+          with keys and values gathered per pixel;
+  window  Swin-style self-attention in non-overlapping k x k windows;
+  floor   the arithmetic QnA cannot avoid: its value, scores and output projections and one
+          depthwise k x k convolution over the values (`QnAFloor`).
+
+Each layer runs on one stride-4 feature map of a DETR-sized image (by default batch 2,
+200 x 336, 64 channels) with an all-False padding mask passed as a runtime argument, as DETR
+always passes one (and so no layer is specialized for an unpadded input). Passes: `fwd`, and
+`fwd_bwd` = gradients of sum(output) w.r.t. the parameters and the input.
+
+Time: the median wall time of the jitted, compiled call over `--repeats` calls after one
+warm-up call; a case stops repeating early once its timed calls have taken `--budget_s`
+(at least one timed call), so the defaults finish in minutes on a 2-core CPU, where the large-k
+backward passes take tens of seconds a call.
+Memory: `peak_bytes` = argument_size_in_bytes + output_size_in_bytes + temp_size_in_bytes of
+the compiled executable's `memory_analysis()` (nothing is donated, so no bytes are aliased);
+XLA's static buffer assignment, the same for every layer, not a measured process peak.
+
+  python tools/benchmark_qna.py [--json PATH] [--plot PATH] [--windows 3,7] [--layers qna,sasa]
+"""
+import dataclasses
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from typing import Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from qna_detr.layers.qna import QnA
+from qna_detr.layers.sasa import SASA
+from qna_detr.layers.window_attention import WindowAttention
+
+Array = jax.Array
+
+LAYERS = ('qna', 'sasa', 'window', 'floor')
+PASSES = ('fwd', 'fwd_bwd')
+
+_JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+_PLOT = flags.DEFINE_string('plot', None, 'Also plot time and memory against k to this PNG.')
+_BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
+_HEIGHT = flags.DEFINE_integer('height', 200, 'Feature map height (800 / stride 4).')
+_WIDTH = flags.DEFINE_integer('width', 336, 'Feature map width (1344 / stride 4).')
+_CHANNELS = flags.DEFINE_integer('channels', 64, 'Channels D, in and out.')
+_HEADS = flags.DEFINE_integer('heads', 8, 'Attention heads of every layer.')
+_WINDOWS = flags.DEFINE_list('windows', ['3', '5', '7', '9', '11'], 'Window sizes k (odd).')
+_LAYERS = flags.DEFINE_list('layers', list(LAYERS), f'Layers to run, a subset of {LAYERS}.')
+_PASSES = flags.DEFINE_list('passes', list(PASSES), f'Passes to run, a subset of {PASSES}.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per case, after one warm-up call.')
+_BUDGET = flags.DEFINE_float('budget_s', 3.0,
+                             'Stop repeating a case once its timed calls took this long.')
+_SEED = flags.DEFINE_integer('seed', 0, 'Seed of the inputs and parameters.')
+
+
+class QnAFloor(nn.Module):
+  """What any QnA implementation must compute, as a yardstick for QnA's overhead.
+
+  The value projection, the fused scores projection (D -> L * h), one element-wise use of the
+  scores on the values (a per-head gate; it keeps the scores live), a depthwise k x k window
+  sum over the D value channels (one learned k x k kernel per channel), and the output
+  projection. QnA's softmax adds the exponentials, L window sums of D channels instead of one,
+  the normalizer and the division on top of this.
+  """
+  features: int
+  heads: int
+  kernel_size: int
+  num_queries: int = 2
+
+  @nn.compact
+  def __call__(self, x: Array, padding_mask: Optional[Array] = None) -> Array:
+    del padding_mask  # Masking is part of QnA's overhead, not of the floor.
+    spatial = x.shape[:3]
+    scores = nn.Dense(self.num_queries * self.heads, use_bias=False, name='to_scores')(x)
+    gate = scores.reshape(*spatial, self.num_queries, self.heads).sum(axis=3)
+    values = nn.Dense(self.features, use_bias=False, name='to_v')(x)
+    gated = (values.reshape(*spatial, self.heads, -1) * gate[..., None]).reshape(values.shape)
+    summed = nn.Conv(self.features, (self.kernel_size, self.kernel_size), padding='SAME',
+                     feature_group_count=self.features, use_bias=False,
+                     name='window_sum')(gated)
+    return nn.Dense(self.features, use_bias=False, name='to_out')(summed)
+
+
+def make_layer(name: str, features: int, heads: int, window: int) -> nn.Module:
+  """One of LAYERS at window size k = `window`."""
+  if name == 'qna':
+    return QnA(features, heads, window)
+  if name == 'sasa':
+    return SASA(features, heads, window)
+  if name == 'window':
+    return WindowAttention(features, heads, window)
+  if name == 'floor':
+    return QnAFloor(features, heads, window)
+  raise ValueError(f'Unknown layer {name!r}; choose from {LAYERS}.')
+
+
+def make_step(layer: nn.Module, pass_name: str) -> Callable:
+  """(params, x, padding_mask) -> output ('fwd') or (param grads, input grad) ('fwd_bwd')."""
+  def forward(params, x, padding_mask):
+    return layer.apply(params, x, padding_mask)
+
+  if pass_name == 'fwd':
+    return forward
+  if pass_name == 'fwd_bwd':
+    return jax.grad(lambda *args: forward(*args).sum(), argnums=(0, 1))
+  raise ValueError(f'Unknown pass {pass_name!r}; choose from {PASSES}.')
+
+
+@dataclasses.dataclass
+class Result:
+  """One case's figures; `to_json` gives its --json record."""
+  layer: str
+  window: int
+  pass_name: str
+  median_s: float
+  peak_bytes: int
+  repeats: int
+  compile_s: float
+
+  def to_json(self) -> dict:
+    return {'layer': self.layer, 'window': self.window, 'pass': self.pass_name,
+            'median_s': self.median_s, 'peak_bytes': self.peak_bytes,
+            'repeats': self.repeats, 'compile_s': self.compile_s}
+
+
+def measure(step: Callable, args: tuple, repeats: int, budget_s: float
+            ) -> tuple[float, int, int, float]:
+  """(median seconds, peak bytes, timed calls, compile seconds) of jit(step)(*args)."""
+  start = time.perf_counter()
+  compiled = jax.jit(step).lower(*args).compile()
+  compile_s = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
+          + memory.temp_size_in_bytes)
+  jax.block_until_ready(compiled(*args))  # Warm-up.
+  times = []
+  while len(times) < repeats and (not times or sum(times) < budget_s):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*args))
+    times.append(time.perf_counter() - start)
+  return float(np.median(times)), int(peak), len(times), compile_s
+
+
+def run_all(layers: Sequence[str], windows: Sequence[int], passes: Sequence[str]
+            ) -> list[Result]:
+  """Every (layer, window, pass) case on the same input, logging progress and an ETA."""
+  key_x, key_params = jax.random.split(jax.random.PRNGKey(_SEED.value))
+  shape = (_BATCH.value, _HEIGHT.value, _WIDTH.value, _CHANNELS.value)
+  x = jax.random.normal(key_x, shape, jnp.float32)
+  padding_mask = jnp.zeros(shape[:3], bool)
+  num_cases = len(windows) * len(layers) * len(passes)
+  # Most of the cost grows with k^2; the ETA assumes it does.
+  total_weight, done_weight = len(layers) * len(passes) * sum(k * k for k in windows), 0
+  results = []
+  start = time.perf_counter()
+  for k in windows:
+    for name in layers:
+      layer = make_layer(name, _CHANNELS.value, _HEADS.value, k)
+      # Parameter shapes do not depend on H x W: initialize on a small input.
+      params = jax.jit(layer.init)(key_params, x[:1, :k, :k], padding_mask[:1, :k, :k])
+      for pass_name in passes:
+        case = f'[{len(results) + 1}/{num_cases}] {name} k={k} {pass_name}'
+        logging.info('%s ...', case)
+        median, peak, calls, compile_s = measure(make_step(layer, pass_name),
+                                                 (params, x, padding_mask),
+                                                 _REPEATS.value, _BUDGET.value)
+        results.append(Result(name, k, pass_name, median, peak, calls, compile_s))
+        done_weight += k * k
+        elapsed = time.perf_counter() - start
+        logging.info('%s: median %.3fs over %d, peak %.0f MiB, compile %.1fs; elapsed %.0fs, '
+                     'ETA %.0fs', case, median, calls, peak / 2**20, compile_s, elapsed,
+                     elapsed * (total_weight - done_weight) / done_weight)
+  return results
+
+
+def _ratio(a: Optional[Result], b: Optional[Result], field: str) -> str:
+  if a is None or b is None:
+    return '-'
+  return f'{getattr(a, field) / getattr(b, field):.2f}'
+
+
+def format_table(results: Sequence[Result]) -> str:
+  """Per pass and window: time (s) and peak memory (MiB) of each layer, and QnA's ratios."""
+  index = {(r.layer, r.window, r.pass_name): r for r in results}
+  layers = [name for name in LAYERS if any(r.layer == name for r in results)]
+  header = (f"{'pass':<8}{'k':>3} " + ''.join(f'{n + " s":>10}' for n in layers) + ' '
+            + ''.join(f'{n + " MiB":>11}' for n in layers)
+            + f"{'qna/sasa t':>12}{'qna/sasa mem':>14}{'qna/floor t':>13}")
+  lines = [header]
+  for pass_name in PASSES:
+    for k in sorted({r.window for r in results if r.pass_name == pass_name}):
+      row = {n: index.get((n, k, pass_name)) for n in layers}
+      lines.append(
+          f'{pass_name:<8}{k:>3} '
+          + ''.join(f'{row[n].median_s:>10.3f}' if row[n] else f'{"-":>10}' for n in layers)
+          + ' ' + ''.join(f'{row[n].peak_bytes / 2**20:>11.0f}' if row[n] else f'{"-":>11}'
+                          for n in layers)
+          + f"{_ratio(row.get('qna'), row.get('sasa'), 'median_s'):>12}"
+          + f"{_ratio(row.get('qna'), row.get('sasa'), 'peak_bytes'):>14}"
+          + f"{_ratio(row.get('qna'), row.get('floor'), 'median_s'):>13}")
+  return '\n'.join(lines)
+
+
+def format_goals(results: Sequence[Result]) -> str:
+  """The project's goals for QnA, each with what was measured (reported, never asserted)."""
+  index = {(r.layer, r.window, r.pass_name): r for r in results}
+  lines = []
+  qna, sasa = index.get(('qna', 7, 'fwd_bwd')), index.get(('sasa', 7, 'fwd_bwd'))
+  if qna and sasa:
+    speedup, saving = sasa.median_s / qna.median_s, sasa.peak_bytes / qna.peak_bytes
+    lines.append(f'k=7 fwd_bwd: QnA {speedup:.2f}x faster than SASA (goal >= 5): '
+                 f"{'met' if speedup >= 5 else 'MISSED'}")
+    lines.append(f'k=7 fwd_bwd: QnA {saving:.2f}x less peak memory than SASA (goal >= 10): '
+                 f"{'met' if saving >= 10 else 'MISSED'}")
+  for r in results:
+    floor = index.get(('floor', r.window, r.pass_name))
+    if r.layer == 'qna' and floor:
+      ratio = r.median_s / floor.median_s
+      lines.append(f'k={r.window} {r.pass_name}: QnA {ratio:.2f}x its floor\'s time '
+                   f"(goal <= 1.5): {'met' if ratio <= 1.5 else 'MISSED'}")
+  return '\n'.join(lines)
+
+
+def plot(results: Sequence[Result], path: str, title: str) -> None:
+  """Time and peak memory against k, one column per pass, one line per layer (log scale)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use('Agg')
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  passes = [p for p in PASSES if any(r.pass_name == p for r in results)]
+  fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8), squeeze=False)
+  for col, pass_name in enumerate(passes):
+    for name in LAYERS:
+      rows = sorted((r for r in results if r.layer == name and r.pass_name == pass_name),
+                    key=lambda r: r.window)
+      if not rows:
+        continue
+      ks = [r.window for r in rows]
+      axes[0, col].plot(ks, [r.median_s for r in rows], 'o-', label=name)
+      axes[1, col].plot(ks, [r.peak_bytes / 2**20 for r in rows], 'o-', label=name)
+    for row, ylabel in enumerate(('median time (s)', 'peak memory (MiB)')):
+      ax = axes[row, col]
+      ax.set_yscale('log')
+      ax.set_xlabel('window size k')
+      ax.set_ylabel(ylabel)
+      ax.set_xticks(sorted({r.window for r in results}))
+      ax.grid(True, which='both', alpha=0.3)
+      ax.legend()
+    axes[0, col].set_title(pass_name)
+  fig.suptitle(title)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  unknown = set(_LAYERS.value) - set(LAYERS) | set(_PASSES.value) - set(PASSES)
+  if unknown:
+    raise app.UsageError(f'Unknown layers or passes {sorted(unknown)}; layers are {LAYERS}, '
+                         f'passes {PASSES}.')
+  windows = [int(k) for k in _WINDOWS.value]
+  if any(k < 1 or k % 2 == 0 for k in windows):
+    raise app.UsageError(f'--windows must be positive odd integers, got {windows}.')
+  if _REPEATS.value < 1:
+    raise app.UsageError(f'--repeats must be >= 1, got {_REPEATS.value}.')
+
+  start, start_cpu = time.perf_counter(), time.process_time()
+  results = run_all(_LAYERS.value, windows, _PASSES.value)
+  total_s, total_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
+  device = jax.devices()[0]
+  title = (f'{device.platform}: {device.device_kind} ({platform.machine()}, '
+           f'{os.cpu_count()} cores); x = {_BATCH.value} x {_HEIGHT.value} x {_WIDTH.value} x '
+           f'{_CHANNELS.value}, {_HEADS.value} heads')
+  print(title)
+  # CPU time next to wall time shows when other processes shared the machine.
+  print(f'median of up to {_REPEATS.value} calls after a warm-up (budget {_BUDGET.value:g}s a '
+        f'case); peak = argument + output + temp bytes of the compiled call; '
+        f'total {total_s:.0f}s wall, {total_cpu_s:.0f}s process CPU')
+  print(format_table(results))
+  goals = format_goals(results)
+  if goals:
+    print(goals)
+  if _JSON.value:
+    with open(_JSON.value, 'w') as f:
+      json.dump({'device': title.split(';')[0],
+                 'input_shape': [_BATCH.value, _HEIGHT.value, _WIDTH.value, _CHANNELS.value],
+                 'heads': _HEADS.value, 'total_s': total_s, 'total_cpu_s': total_cpu_s,
+                 'results': [r.to_json() for r in results]}, f, indent=1)
+  if _PLOT.value:
+    plot(results, _PLOT.value, title)
+
+
+if __name__ == '__main__':
+  app.run(main)
