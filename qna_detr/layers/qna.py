@@ -12,8 +12,9 @@ Here the window sums run as depthwise convolutions on scores shifted by their pe
 maximum (a constant per window, so the ratio is unchanged), and the normalizers are checked:
 if any window's normalizer fell into the float range where its terms lose precision (a window
 whose scores all sit ~35 nats below the image maximum), the whole call is recomputed with the
-exact per-window maximum. That path visits the k^2 window offsets one at a time under
-`jax.checkpoint`, so it stays O(HWD) in memory; it is never taken for ordinary activations.
+exact per-window maximum, visiting the k^2 window offsets one at a time; it is never taken for
+ordinary activations. Both paths have a hand-written backward pass (custom VJP) that, like the
+forward, needs O(HWD) memory whatever k is.
 """
 import functools
 from typing import Callable, Optional
@@ -42,108 +43,236 @@ def _query_init(head_dim: int) -> Callable:
   return init
 
 
-def _depthwise_window_sum(x: Array, kernel: Array, stride: int, pad: int) -> Array:
-  """Sum_k: weighted k x k window sums of each channel, float32 accumulation.
+def _shifted(x: Array, i: int, j: int, stride: int, ho: int, wo: int) -> Array:
+  """x[:, i + stride * y, j + stride * x] for every output (y, x) < (ho, wo)."""
+  return x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
 
-  x: [B, H, W, C]; kernel: [k, k, C] (one k x k weight per channel).
+
+def _output_size(size: int, stride: int) -> int:
+  return -(-size // stride)
+
+
+def _window_sum(x: Array, kernel: Array, stride: int) -> Array:
+  """Sum_k: out[o] = sum over offsets (i, j) of kernel[i, j] * x[stride * o + (i, j) - k // 2].
+
+  x: [B, H, W, ...]; kernel: [k, k, ...] broadcasting against x's trailing dims; zero
+  ('same') padding; float32 accumulation. Written as k^2 shifted slices that XLA fuses into
+  one pass: on CPUs several times faster than a depthwise convolution, whose gradient with
+  respect to the kernel is slower still.
   """
   k = kernel.shape[0]
-  return jax.lax.conv_general_dilated(
-      x, kernel.reshape(k, k, 1, -1).astype(x.dtype),
-      window_strides=(stride, stride),
-      padding=((pad, pad), (pad, pad)),
-      dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=x.shape[-1],
-      preferred_element_type=jnp.float32)
+  p = k // 2
+  ho, wo = _output_size(x.shape[1], stride), _output_size(x.shape[2], stride)
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3))
+  kernel = kernel.astype(jnp.float32)
+  terms = (kernel[i, j] * _shifted(xp, i, j, stride, ho, wo).astype(jnp.float32)
+           for i in range(k) for j in range(k))
+  return functools.reduce(jnp.add, terms)
+
+
+def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
+                          width: int) -> Array:
+  """The input cotangent of `_window_sum`, gathered (not scattered) so that it fuses too."""
+  k = kernel.shape[0]
+  p = k // 2
+  ho, wo = g.shape[1:3]
+  zero = jnp.zeros((), g.dtype)
+  rest = [(0, 0, 0)] * (g.ndim - 3)
+  # gd[p + stride * o] = g[o]: the cotangent spread on the input grid, zeros elsewhere.
+  gd = jax.lax.pad(g, zero, [(0, 0, 0),
+                             (p, height + k - 2 - p - stride * (ho - 1), stride - 1),
+                             (p, width + k - 2 - p - stride * (wo - 1), stride - 1)] + rest)
+  kernel = kernel.astype(jnp.float32)
+  terms = (kernel[i, j] * _shifted(gd, k - 1 - i, k - 1 - j, 1, height, width)
+           for i in range(k) for j in range(k))
+  return functools.reduce(jnp.add, terms)
+
+
+def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...],
+                            stride: int) -> Array:
+  """The kernel cotangent of `_window_sum`: per offset, sum of g * shifted x over the batch,
+  the positions, and every dim the kernel broadcasts over.
+
+  One offset per loop step: unrolled, XLA materializes all k^2 products (GBs at k = 7).
+  """
+  k = kernel_shape[0]
+  p = k // 2
+  xp = jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3))
+  views = _Offsets(k, stride, *g.shape[1:3])
+  axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
+
+  def accumulate(offset, grads):
+    term = (g * views.gather(xp, offset).astype(jnp.float32)).sum(axes)
+    return grads.at[offset].set(term)
+
+  grads = jnp.zeros((k * k,) + tuple(n for n in kernel_shape[2:] if n != 1), jnp.float32)
+  return jax.lax.fori_loop(0, k * k, accumulate, grads).reshape(kernel_shape)
+
+
+def _fast_weights(scores: Array, valid: Array, bias: Array) -> tuple[Array, Array]:
+  """exp(S) and exp(B), each shifted by a maximum that is constant inside every window.
+
+  S is shifted per (image, query, head) over valid pixels, B per (query, head); padded pixels
+  get weight 0.
+  """
+  masked = jnp.where(valid[..., None, None], scores, _MASKED_SCORE)
+  shift = jax.lax.stop_gradient(jnp.max(masked, axis=(1, 2), keepdims=True))
+  weights = jnp.where(valid[..., None, None], jnp.exp(masked - shift), 0.0)  # [B,H,W,Q,h]
+  bias_exp = jnp.exp(bias - jax.lax.stop_gradient(jnp.max(bias, axis=(0, 1))))  # [k,k,Q,h]
+  return weights, bias_exp
+
+
+def _inverse(den: Array) -> Array:
+  """1 / den, and 0 where den is too small to trust (a window without a valid pixel, or an
+  underflowed fast-path normalizer)."""
+  trusted = den >= _MIN_SAFE_NORMALIZER
+  return jnp.where(trusted, 1.0 / jnp.where(trusted, den, 1.0), 0.0)
 
 
 def _aggregate_fast(scores, values, valid, bias, scale, stride):
-  """Window softmax as two depthwise convolutions (Algorithm 1), shifted per image.
+  """Window softmax as two depthwise convolutions (Algorithm 1).
 
   Returns the output [B, Ho, Wo, Q, h, d] and whether every window's normalizer is safe.
   """
-  k = bias.shape[0]
-  pad = (k - 1) // 2
-  b, hgt, wid, nq, nh = scores.shape
-  hd = values.shape[-1]
-  # Shift by the per-(image, query, head) maximum over valid pixels: constant in every window.
-  masked = jnp.where(valid[..., None, None], scores, _MASKED_SCORE)
-  shift = jax.lax.stop_gradient(jnp.max(masked, axis=(1, 2), keepdims=True))
-  weights = jnp.where(valid[..., None, None], jnp.exp(masked - shift), 0.0)  # [B,H,W,Q,h] f32
-  # exp(B) shifted by its maximum per (query, head): again constant in every window.
-  bias_exp = jnp.exp(bias - jax.lax.stop_gradient(jnp.max(bias, axis=(0, 1))))  # [k,k,Q,h]
-
+  weights, bias_exp = _fast_weights(scores, valid, bias)
   weighted_values = weights[..., None].astype(values.dtype) * values[:, :, :, None]
-  num_kernel = jnp.broadcast_to((bias_exp * scale)[..., None], (k, k, nq, nh, hd))
-  num = _depthwise_window_sum(weighted_values.reshape(b, hgt, wid, -1),
-                              num_kernel.reshape(k, k, -1), stride, pad)
-  den = _depthwise_window_sum(weights.reshape(b, hgt, wid, -1),
-                              bias_exp.reshape(k, k, -1), stride, pad)
-  ho, wo = num.shape[1:3]
-  num = num.reshape(b, ho, wo, nq, nh, hd)
-  den = den.reshape(b, ho, wo, nq, nh)
-
-  window_has_valid = masking.window_any(valid, k, stride)  # [B,Ho,Wo]
+  num = _window_sum(weighted_values, (bias_exp * scale)[..., None], stride)
+  den = _window_sum(weights, bias_exp, stride)
+  window_has_valid = masking.window_any(valid, bias.shape[0], stride)  # [B, Ho, Wo]
   safe = jnp.all((den >= _MIN_SAFE_NORMALIZER) | ~window_has_valid[..., None, None])
-  return _safe_divide(num, den), safe
+  return num * _inverse(den)[..., None], safe
 
 
-def _safe_divide(num: Array, den: Array) -> Array:
-  """num / den, and 0 where den is too small to trust.
+def _fast_grads(scores, values, valid, bias, scale, stride, out, g):
+  """Cotangents of the fast path through the transposes of its two window sums."""
+  weights, bias_exp = _fast_weights(scores, valid, bias)
+  hgt, wid = scores.shape[1:3]
+  weighted_values = weights[..., None].astype(values.dtype) * values[:, :, :, None]
+  num_kernel = (bias_exp * scale)[..., None]
+  inv = _inverse(_window_sum(weights, bias_exp, stride))
+  g_num = g * inv[..., None]  # d loss / d numerator
+  g_den = -(g * out).sum(-1) * inv  # d loss / d denominator
+  d_weighted = _window_sum_transpose(g_num, num_kernel, stride, hgt, wid)
+  d_weights = ((d_weighted * values[:, :, :, None]).sum(-1)
+               + _window_sum_transpose(g_den, bias_exp, stride, hgt, wid))
+  d_values = (d_weighted * weights[..., None]).sum(3)
+  d_num_kernel = _window_sum_kernel_grad(g_num, weighted_values, num_kernel.shape, stride)[..., 0]
+  d_bias_exp = (d_num_kernel * scale
+                + _window_sum_kernel_grad(g_den, weights, bias_exp.shape, stride))
+  return (d_weights * weights, d_values.astype(values.dtype), d_bias_exp * bias_exp,
+          d_num_kernel * bias_exp)
 
-  That covers windows without a valid pixel (den = 0) and keeps the gradient of a discarded
-  fast path finite: 1 / den^2 of a subnormal den would overflow, and inf * 0 is NaN.
+
+class _Offsets:
+  """Views of padded [B, H + 2p, W + 2p, ...] maps at one window offset of every output.
+
+  Offset o = i * k + j is the pixel (i - p, j - p) away from a window's centre; `gather` gives
+  [B, Ho, Wo, ...], `scatter_add` is its transpose.
   """
-  trusted = den >= _MIN_SAFE_NORMALIZER
-  den = jnp.where(trusted, den, 1.0)
-  return jnp.where(trusted[..., None], num / den[..., None], 0.0)
+
+  def __init__(self, k: int, stride: int, ho: int, wo: int):
+    self.k, self.stride, self.ho, self.wo = k, stride, ho, wo
+
+  def _start(self, offset, ndim):
+    return (0, offset // self.k, offset % self.k) + (0,) * (ndim - 3)
+
+  def _extent(self, x):
+    return (x.shape[0], self.stride * (self.ho - 1) + 1, self.stride * (self.wo - 1) + 1)
+
+  def gather(self, x: Array, offset) -> Array:
+    window = jax.lax.dynamic_slice(x, self._start(offset, x.ndim), self._extent(x) + x.shape[3:])
+    return window[:, ::self.stride, ::self.stride]
+
+  def scatter_add(self, acc: Array, contribution: Array, offset) -> Array:
+    s = self.stride
+    spread = jax.lax.pad(contribution, jnp.zeros((), contribution.dtype),
+                         [(0, 0, 0), (0, 0, s - 1), (0, 0, s - 1)]
+                         + [(0, 0, 0)] * (contribution.ndim - 3))
+    start = self._start(offset, acc.ndim)
+    current = jax.lax.dynamic_slice(acc, start, spread.shape)
+    return jax.lax.dynamic_update_slice(acc, current + spread, start)
 
 
-@functools.partial(jax.checkpoint, static_argnums=(5,))
-def _aggregate_exact(scores, values, valid, bias, scale, stride):
-  """Window softmax with the exact per-window maximum, one window offset at a time.
-
-  A loop (not an unrolled k^2 sequence) keeps the compiled program small; the checkpoint keeps
-  the backward pass from storing per-offset intermediates.
-  """
+def _exact_setup(scores, values, valid, bias, stride):
+  """Padded inputs, the offset views, and a function giving exp(logit - window max) at an
+  offset (0 where the pixel is padding or outside the image)."""
   k = bias.shape[0]
   pad = (k - 1) // 2
-  b, hgt, wid = scores.shape[:3]
-  ho, wo = -(-hgt // stride), -(-wid // stride)
-  spatial_pad = ((0, 0), (pad, pad), (pad, pad))
+  hgt, wid = scores.shape[1:3]
+  views = _Offsets(k, stride, -(-hgt // stride), -(-wid // stride))
+  spatial = ((0, 0), (pad, pad), (pad, pad))
+  masked = jnp.pad(jnp.where(valid[..., None, None], scores, _MASKED_SCORE),
+                   spatial + ((0, 0), (0, 0)), constant_values=_MASKED_SCORE)
+  values = jnp.pad(values, spatial + ((0, 0), (0, 0)))
+  valid = jnp.pad(valid, spatial)
+  flat_bias = bias.reshape(k * k, *bias.shape[2:])
 
-  masked = jnp.where(valid[..., None, None], scores, _MASKED_SCORE)
-  masked = jnp.pad(masked, spatial_pad + ((0, 0), (0, 0)), constant_values=_MASKED_SCORE)
-  values = jnp.pad(values, spatial_pad + ((0, 0), (0, 0)))
-  valid = jnp.pad(valid, spatial_pad)
+  def logits(offset):
+    return views.gather(masked, offset) + flat_bias[offset]
 
-  def at_offset(x, offset):
-    """The input pixel at window offset `offset` of every output window: [B, Ho, Wo, ...]."""
-    i, j = offset // k, offset % k
-    window = (b, stride * (ho - 1) + 1, stride * (wo - 1) + 1) + x.shape[3:]
-    start = (0, i, j) + (0,) * (x.ndim - 3)
-    return jax.lax.dynamic_slice(x, start, window)[:, ::stride, ::stride]
+  first = logits(0)
+  window_max = jax.lax.fori_loop(1, k * k, lambda o, m: jnp.maximum(m, logits(o)), first)
 
-  def logits_at(offset):
-    return at_offset(masked, offset) + bias.reshape(k * k, *bias.shape[2:])[offset]
+  def weight(offset):
+    present = views.gather(valid, offset)[..., None, None]
+    return jnp.where(present, jnp.exp(logits(offset) - window_max), 0.0)
 
-  window_max = jax.lax.fori_loop(
-      0, k * k, lambda o, m: jnp.maximum(m, logits_at(o)),
-      jnp.full((b, ho, wo) + scores.shape[3:], _MASKED_SCORE, jnp.float32))
-  window_max = jax.lax.stop_gradient(window_max)
+  return views, values, weight
+
+
+def _aggregate_exact(scores, values, valid, bias, scale, stride):
+  """Window softmax with the exact per-window maximum, one window offset at a time (a loop,
+  so the compiled program does not grow with k^2)."""
+  k = bias.shape[0]
+  views, padded_values, weight = _exact_setup(scores, values, valid, bias, stride)
+  flat_scale = scale.reshape(k * k, *scale.shape[2:])
 
   def accumulate(offset, carry):
     num, den = carry
-    present = at_offset(valid, offset)[..., None, None]
-    e = jnp.where(present, jnp.exp(logits_at(offset) - window_max), 0.0)
-    weight = e * scale.reshape(k * k, *scale.shape[2:])[offset]
-    return (num + weight[..., None] * at_offset(values, offset)[:, :, :, None], den + e)
+    e = weight(offset)
+    contribution = (e * flat_scale[offset])[..., None] * views.gather(padded_values, offset)[
+        :, :, :, None]
+    return num + contribution, den + e
 
-  num = jnp.zeros(window_max.shape + values.shape[-1:], jnp.float32)
-  num, den = jax.lax.fori_loop(0, k * k, accumulate, (num, jnp.zeros_like(window_max)))
-  return _safe_divide(num, den)
+  shape = (scores.shape[0], views.ho, views.wo) + scores.shape[3:]
+  num, den = jax.lax.fori_loop(0, k * k, accumulate,
+                               (jnp.zeros(shape + values.shape[-1:], jnp.float32),
+                                jnp.zeros(shape, jnp.float32)))
+  return num * _inverse(den)[..., None]
 
 
+def _exact_grads(scores, values, valid, bias, scale, stride, out, g):
+  """Cotangents of the exact path from normalized attention a, one offset at a time:
+  dl = a (Ws (g . V) - g . out) for every logit l = S + B, dWs = a (g . V), dV = a Ws g."""
+  k = bias.shape[0]
+  pad = (k - 1) // 2
+  views, padded_values, weight = _exact_setup(scores, values, valid, bias, stride)
+  inv = _inverse(jax.lax.fori_loop(0, k * k, lambda o, d: d + weight(o),
+                                   jnp.zeros(out.shape[:-1], jnp.float32)))
+  g_out = (g * out).sum(-1)
+  flat_scale = scale.reshape(k * k, *scale.shape[2:])
+
+  def accumulate(offset, carry):
+    d_scores, d_values, d_bias, d_scale = carry
+    attention = weight(offset) * inv
+    g_values = (g * views.gather(padded_values, offset)[:, :, :, None]).sum(-1)
+    d_logits = attention * (flat_scale[offset] * g_values - g_out)
+    d_scores = views.scatter_add(d_scores, d_logits, offset)
+    d_values = views.scatter_add(
+        d_values, ((attention * flat_scale[offset])[..., None] * g).sum(3), offset)
+    return (d_scores, d_values, d_bias.at[offset].set(d_logits.sum((0, 1, 2))),
+            d_scale.at[offset].set((attention * g_values).sum((0, 1, 2))))
+
+  zeros = jnp.zeros((k * k,) + bias.shape[2:], jnp.float32)
+  init = (jnp.zeros(scores.shape[:1] + padded_values.shape[1:3] + scores.shape[3:], jnp.float32),
+          jnp.zeros(padded_values.shape, jnp.float32), zeros, zeros)
+  d_scores, d_values, d_bias, d_scale = jax.lax.fori_loop(0, k * k, accumulate, init)
+  crop = (slice(None), slice(pad, pad + scores.shape[1]), slice(pad, pad + scores.shape[2]))
+  return (d_scores[crop], d_values[crop].astype(values.dtype), d_bias.reshape(bias.shape),
+          d_scale.reshape(scale.shape))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
 def window_softmax_aggregate(scores: Array, values: Array, valid: Array, bias: Array,
                              scale: Array, stride: int) -> Array:
   """The QnA window softmax of every query and head.
@@ -159,10 +288,37 @@ def window_softmax_aggregate(scores: Array, values: Array, valid: Array, bias: A
   Returns:
     [B, ceil(H/stride), ceil(W/stride), Q, h, d] float32; zeros for windows without a valid
     pixel.
+
+  The gradient is written out (custom VJP) so that neither path stores per-offset or
+  per-window intermediates: the backward pass needs O(HWD) memory like the forward.
   """
+  return _aggregate(scores, values, valid, bias, scale, stride)[0]
+
+
+def _aggregate(scores, values, valid, bias, scale, stride):
   fast, safe = _aggregate_fast(scores, values, valid, bias, scale, stride)
-  return jax.lax.cond(safe, lambda *_: fast, lambda *args: _aggregate_exact(*args, stride),
-                      scores, values, valid, bias, scale)
+  out = jax.lax.cond(safe, lambda *_: fast,
+                     lambda *args: _aggregate_exact(*args, stride),
+                     scores, values, valid, bias, scale)
+  return out, safe
+
+
+def _aggregate_fwd(scores, values, valid, bias, scale, stride):
+  out, safe = _aggregate(scores, values, valid, bias, scale, stride)
+  return out, (scores, values, valid, bias, scale, out, safe)
+
+
+def _aggregate_bwd(stride, residuals, g):
+  scores, values, valid, bias, scale, out, safe = residuals
+  grads = jax.lax.cond(
+      safe, lambda *args: _fast_grads(*args[:5], stride, *args[5:]),
+      lambda *args: _exact_grads(*args[:5], stride, *args[5:]),
+      scores, values, valid, bias, scale, out, g.astype(jnp.float32))
+  d_scores, d_values, d_bias, d_scale = grads
+  return d_scores, d_values, None, d_bias, d_scale
+
+
+window_softmax_aggregate.defvjp(_aggregate_fwd, _aggregate_bwd)
 
 
 def _check_config(features: int, heads: int, kernel_size: int, stride: int,
