@@ -5,7 +5,6 @@ from typing import Any, Callable, Optional
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
-import numpy as np
 
 from qna_detr import parallel
 from qna_detr.data import batching

@@ -1,7 +1,6 @@
 """COCO-format folders: category mapping, crowd and empty images, and bad input."""
 
 import copy
-import json
 import logging
 import os
 

@@ -1,5 +1,16 @@
 """Direct, slow float64 references: gather every window, build keys, explicit softmax."""
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+
+def random_params(module, x, seed):
+  """Initialised, then every leaf replaced by noise so that zero-initialised biases matter."""
+  params = module.init(jax.random.key(seed), x)
+  rng = np.random.default_rng(seed)
+  leaves, treedef = jax.tree.flatten(params)
+  return jax.tree.unflatten(treedef, [
+      jnp.asarray(rng.normal(scale=0.5, size=leaf.shape), jnp.float32) for leaf in leaves])
 
 
 def _softmax(logits: np.ndarray, axis: int) -> np.ndarray:

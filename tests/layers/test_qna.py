@@ -8,14 +8,6 @@ import local_attention_reference as reference
 from qna_detr.layers.qna import QnA
 
 
-def _random_params(module, x, seed):
-  """Initialised, then every leaf replaced by noise so zero-initialised biases matter."""
-  params = module.init(jax.random.key(seed), x)
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [
-      jnp.asarray(rng.normal(scale=0.5, size=leaf.shape), jnp.float32) for leaf in leaves])
-
 
 def _relative_error(got, want):
   return float(np.linalg.norm(np.asarray(got, np.float64) - want) / np.linalg.norm(want))
@@ -49,7 +41,7 @@ def test_matches_reference_float32(kernel, stride, queries, heads, size, masked,
   x = np.random.default_rng(1).normal(size=(2, *size, 16)).astype(np.float32)
   mask = _mask(2, *size, seed=2) if masked else None
   layer = QnA(16, heads, kernel, stride=stride, num_queries=queries, upsample=upsample)
-  params = _random_params(layer, x, seed=3)
+  params = reference.random_params(layer, x, seed=3)
   got = layer.apply(params, x, mask)
   want = reference.qna(x, params, heads=heads, kernel_size=kernel, stride=stride,
                        num_queries=queries, upsample=upsample, padding_mask=mask)
@@ -62,7 +54,7 @@ def test_matches_reference_bfloat16(kernel, stride, queries, heads, size, masked
   x = np.random.default_rng(4).normal(size=(2, *size, 16)).astype(np.float32)
   mask = _mask(2, *size, seed=5) if masked else None
   layer = QnA(16, heads, kernel, stride=stride, num_queries=queries, dtype=jnp.bfloat16)
-  params = _random_params(layer, x, seed=6)
+  params = reference.random_params(layer, x, seed=6)
   got = layer.apply(params, x, mask)
   assert got.dtype == jnp.bfloat16
   assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
@@ -78,7 +70,7 @@ def test_large_inputs_stay_finite_and_exact(dtype, tol, stride):
   x = 1e3 * np.random.default_rng(7).normal(size=(2, 9, 10, 16)).astype(np.float32)
   mask = _mask(2, 9, 10, seed=8)
   layer = QnA(16, 4, 3, stride=stride, dtype=dtype)
-  params = _random_params(layer, x / 1e3, seed=9)
+  params = reference.random_params(layer, x / 1e3, seed=9)
   got = layer.apply(params, x, mask)
   assert np.isfinite(np.asarray(got, np.float32)).all()
   want = reference.qna(x, params, heads=4, kernel_size=3, stride=stride, padding_mask=mask)
@@ -93,7 +85,7 @@ def test_windows_of_padding_only_give_zeros():
   mask = np.zeros((1, 12, 12), bool)
   mask[:, :, 6:] = True  # right half padded: windows centred at column >= 8 see no real pixel
   layer = QnA(8, 2, 5)
-  params = _random_params(layer, x, seed=11)
+  params = reference.random_params(layer, x, seed=11)
   got = np.asarray(layer.apply(params, x, mask))
   assert np.isfinite(got).all()
   assert np.all(got[:, :, 8:] == 0.0)
@@ -108,7 +100,7 @@ def test_shift_equivariance(stride):
   canvas[0, 4:12, 4:12] = patch
   canvas[1, 12:20, 8:16] = patch  # shifted by (8, 4), a multiple of the stride
   layer = QnA(8, 2, 3, stride=stride)
-  params = _random_params(layer, canvas, seed=13)
+  params = reference.random_params(layer, canvas, seed=13)
   out = np.asarray(layer.apply(params, canvas))
   s = stride
   first = out[0, 2 // s:14 // s, 2 // s:14 // s]

@@ -8,13 +8,6 @@ import local_attention_reference as reference
 from qna_detr.layers.window_attention import WindowAttention
 
 
-def _random_params(module, x, seed):
-  params = module.init(jax.random.key(seed), x)
-  rng = np.random.default_rng(seed)
-  leaves, treedef = jax.tree.flatten(params)
-  return jax.tree.unflatten(treedef, [
-      jnp.asarray(rng.normal(scale=0.5, size=leaf.shape), jnp.float32) for leaf in leaves])
-
 
 @pytest.mark.parametrize('window,heads,size,masked', [
     (4, 2, (8, 8), False),
@@ -29,7 +22,7 @@ def test_matches_reference(window, heads, size, masked):
     mask = rng.random((2, *size)) < 0.2
     mask[1, :, size[1] // 2:] = True
   layer = WindowAttention(16, heads, window)
-  params = _random_params(layer, x, seed=1)
+  params = reference.random_params(layer, x, seed=1)
   got = np.asarray(layer.apply(params, x, mask), np.float64)
   want = reference.window_attention(x, params, heads=heads, window=window, padding_mask=mask)
   keep = np.ones(size, bool)[None] if mask is None else ~mask  # padded queries are don't-care
