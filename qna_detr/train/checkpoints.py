@@ -67,7 +67,8 @@ class Checkpointer:
 def find(workdir: str, checkpoint: Optional[str] = None) -> str:
   """The step directory to read: `checkpoint` if given, else the workdir's latest."""
   if checkpoint:
-    if not os.path.isdir(checkpoint) or not os.path.basename(os.path.normpath(checkpoint)).isdigit():
+    step_name = os.path.basename(os.path.normpath(checkpoint))
+    if not os.path.isdir(checkpoint) or not step_name.isdigit():
       raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
                               '(WORKDIR/checkpoints/<step>).')
     return os.path.abspath(checkpoint)

@@ -46,8 +46,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     metrics = {'loss': loss, **components, 'grad_norm': optax.global_norm(grads),
                **{f'lr_{group}': schedule(state.step) for group, schedule in schedules.items()}}
-    new_state = state.replace(step=state.step + 1, params=optax.apply_updates(state.params, updates),
-                              opt_state=opt_state)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     return new_state, metrics
 
   return train_step

@@ -72,7 +72,8 @@ def test_authors_checkpoint_fills_every_backbone_parameter(tmp_path):
   assert report.missing == [] and report.unexpected == []
   assert len(report.matched) == len(jax.tree.leaves(detector['backbone']))
   ours = loaded['backbone']
-  np.testing.assert_array_equal(ours['stem']['kernel'], authors['StemBlock_0']['conv_1x1']['kernel'])
+  np.testing.assert_array_equal(ours['stem']['kernel'],
+                                authors['StemBlock_0']['conv_1x1']['kernel'])
   theirs = authors['QnAStage_1']['QnA_Block_2_stride_2']
   down = ours['stage2_down']
   np.testing.assert_array_equal(down['skip']['kernel'], theirs['Conv_0']['kernel'])
@@ -104,7 +105,8 @@ def test_own_checkpoint_and_a_report_of_gaps(tmp_path):
   fresh = {'backbone': _backbone_params()}
   loaded, report = pretrained.load_backbone(fresh, str(tmp_path / 'checkpoints' / '7'))
   assert report.missing == ['stem/kernel'] and report.unexpected == ['extra/kernel']
-  np.testing.assert_array_equal(loaded['backbone']['stem']['kernel'], fresh['backbone']['stem']['kernel'])
+  np.testing.assert_array_equal(loaded['backbone']['stem']['kernel'],
+                                fresh['backbone']['stem']['kernel'])
   np.testing.assert_allclose(loaded['backbone']['stage1_qna1']['mixer']['Wk'],
                              backbone['stage1_qna1']['mixer']['Wk'])
 

@@ -17,7 +17,8 @@ def direct(scores, values, valid, bias, scale, stride):
   s = jnp.pad(scores, pad + ((0, 0), (0, 0)))
   v = jnp.pad(values, pad + ((0, 0), (0, 0)))
   m = jnp.pad(valid, pad)
-  take = lambda x, i, j: x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+  def take(x, i, j):
+    return x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
   logits = jnp.stack([take(s, i, j) + bias[i, j] for i in range(k) for j in range(k)])
   present = jnp.stack([take(m, i, j) for i in range(k) for j in range(k)])[..., None, None]
   logits = jnp.where(present, logits, -jnp.inf)
@@ -47,8 +48,9 @@ def test_gradients_match_direct_autodiff(kernel, stride, score_scale):
 
   got = jax.grad(loss(window_softmax_aggregate), argnums=(0, 1, 2, 3))(scores, values, bias, scale)
   want = jax.grad(loss(direct), argnums=(0, 1, 2, 3))(scores, values, bias, scale)
-  np.testing.assert_allclose(window_softmax_aggregate(scores, values, valid, bias, scale, stride),
-                             direct(scores, values, valid, bias, scale, stride), rtol=1e-4, atol=1e-5)
+  args = (scores, values, valid, bias, scale, stride)
+  np.testing.assert_allclose(window_softmax_aggregate(*args), direct(*args), rtol=1e-4,
+                             atol=1e-5)
   for name, a, w in zip(('scores', 'values', 'bias', 'scale'), got, want):
     assert np.isfinite(np.asarray(a)).all(), name
     np.testing.assert_allclose(a, w, rtol=2e-4, atol=2e-5 * float(np.abs(w).max()), err_msg=name)

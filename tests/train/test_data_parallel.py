@@ -36,7 +36,8 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
       state = jax.device_put(state, parallel.replicated(mesh))
       step = loop.jit_train_step(config, model, tx, schedules, mesh)
       with jax.set_mesh(mesh):
-        state, metrics = step(state, batching.to_global_arrays(batch, parallel.batch_sharding(mesh)))
+        arrays = batching.to_global_arrays(batch, parallel.batch_sharding(mesh))
+        state, metrics = step(state, arrays)
       results.append((jax.device_get(state.params), jax.device_get(metrics)))
     (p1, m1), (p8, m8) = results
     np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)

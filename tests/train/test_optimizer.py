@@ -43,7 +43,8 @@ def test_each_group_moves_by_its_own_learning_rate(freeze):
     for leaf in updates[name].values():
       np.testing.assert_allclose(np.abs(leaf), 1e-4, rtol=1e-4)
   # Updates oppose the gradient.
-  assert np.all(np.sign(updates['class_embed']['kernel']) == -np.sign(grads['class_embed']['kernel']))
+  kernel = 'class_embed', 'kernel'
+  assert np.all(np.sign(updates[kernel[0]][kernel[1]]) == -np.sign(grads[kernel[0]][kernel[1]]))
 
 
 def test_schedule_drops_tenfold_after_epoch_50():

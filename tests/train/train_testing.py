@@ -4,7 +4,8 @@ import ml_collections
 from qna_detr import configs
 
 
-def micro_config(data_dir: str, *, batch_size: int = 4, steps: int = 4) -> ml_collections.ConfigDict:
+def micro_config(data_dir: str, *, batch_size: int = 4,
+                 steps: int = 4) -> ml_collections.ConfigDict:
   config = configs.toy(image_size=64)
   config.dataset.data_dir = data_dir
   config.dataset.toy.update(dict(num_train=16, num_val=8))
