@@ -89,10 +89,11 @@ def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
 
 
 def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], stride: int,
-                            x_factor: Optional[Array] = None) -> Array:
-  """The kernel cotangent of `_window_sum` over the input x (times x_factor[..., None] if given):
-  per offset, the sum of g * shifted input over the batch, the positions, and every dim the
-  kernel broadcasts over.
+                            x_factor: Optional[Array] = None,
+                            g_factor: Optional[Array] = None) -> Array:
+  """The kernel cotangent of `_window_sum` over the input x (times x_factor[..., None] if given)
+  and the output cotangent g (times g_factor[..., None] if given): per offset, the sum of
+  g * shifted input over the batch, the positions, and every dim the kernel broadcasts over.
 
   One offset per loop step: unrolled, XLA materializes all k^2 products (GBs at k = 7).
   Passing a product's factors instead of the product saves its memory and traffic.
@@ -104,15 +105,27 @@ def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], s
   factor = None if x_factor is None else pad(x_factor)
   views = _Offsets(k, stride, *g.shape[1:3])
   axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
+  if g_factor is not None:
+    g_factor = g_factor[..., None]
 
   def accumulate(offset, grads):
     shifted = views.gather(xp, offset).astype(jnp.float32)
     if factor is not None:
       shifted = views.gather(factor, offset)[..., None] * shifted[:, :, :, None]
-    return grads.at[offset].set((g * shifted).sum(axes))
+    weighted = shifted * g if g_factor is None else shifted * g * g_factor
+    return grads.at[offset].set(weighted.sum(axes))
 
   grads = jnp.zeros((k * k,) + tuple(n for n in kernel_shape[2:] if n != 1), jnp.float32)
   return jax.lax.fori_loop(0, k * k, accumulate, grads).reshape(kernel_shape)
+
+
+def _take(x: Array, axis: int, q) -> Array:
+  """Query q of x along `axis`, keeping the axis (size 1)."""
+  return jax.lax.dynamic_slice_in_dim(x, q, 1, axis)
+
+
+def _put(x: Array, update: Array, axis: int, q) -> Array:
+  return jax.lax.dynamic_update_slice_in_dim(x, update.astype(x.dtype), q, axis)
 
 
 def _fast_weights(scores: Array, valid: Array, bias: Array) -> tuple[Array, Array]:
@@ -141,32 +154,58 @@ def _aggregate_fast(scores, values, valid, bias, scale, stride):
   Returns the output [B, Ho, Wo, Q, h, d] and whether every window's normalizer is safe.
   """
   weights, bias_exp = _fast_weights(scores, valid, bias)
-  weighted_values = weights[..., None].astype(values.dtype) * values[:, :, :, None]
-  num = _window_sum(weighted_values, (bias_exp * scale)[..., None], stride)
   den = _window_sum(weights, bias_exp, stride)
   window_has_valid = masking.window_any(valid, bias.shape[0], stride)  # [B, Ho, Wo]
   safe = jnp.all((den >= _MIN_SAFE_NORMALIZER) | ~window_has_valid[..., None, None])
-  return num * _inverse(den)[..., None], safe
+  inv = _inverse(den)
+  num_kernel = bias_exp * scale
+
+  def one_query(q, out):  # One query's numerator at a time bounds the temporaries.
+    weighted_values = _take(weights, 3, q)[..., None].astype(values.dtype) * values[:, :, :, None]
+    num = _window_sum(weighted_values, _take(num_kernel, 2, q)[..., None], stride)
+    return _put(out, num * _take(inv, 3, q)[..., None], 3, q)
+
+  out = jnp.zeros(den.shape + values.shape[-1:], jnp.float32)
+  return jax.lax.fori_loop(0, scores.shape[3], one_query, out), safe
 
 
-def _fast_grads(scores, values, valid, bias, scale, stride, out, g):
+def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
   """Cotangents of the fast path through the transposes of its two window sums."""
   weights, bias_exp = _fast_weights(scores, valid, bias)
   hgt, wid = scores.shape[1:3]
   num_kernel = (bias_exp * scale)[..., None]
   inv = _inverse(_window_sum(weights, bias_exp, stride))
-  g_num = g * inv[..., None]  # d loss / d numerator
-  g_den = -(g * out).sum(-1) * inv  # d loss / d denominator
-  d_weighted = _window_sum_transpose(g_num, num_kernel, stride, hgt, wid)
+  # d loss / d numerator is g * inv[..., None]; it is formed inside its two consumers, never
+  # stored. d loss / d denominator:
+  g_den = -g_out * inv
+  d_weighted = _window_sum_transpose(g * inv[..., None], num_kernel, stride, hgt, wid)
   d_weights = ((d_weighted * values[:, :, :, None]).sum(-1)
                + _window_sum_transpose(g_den, bias_exp, stride, hgt, wid))
   d_values = (d_weighted * weights[..., None]).sum(3)
-  d_num_kernel = _window_sum_kernel_grad(g_num, values, num_kernel.shape, stride,
-                                         x_factor=weights)[..., 0]
+  d_num_kernel = _window_sum_kernel_grad(g, values, num_kernel.shape, stride,
+                                         x_factor=weights, g_factor=inv)[..., 0]
   d_bias_exp = (d_num_kernel * scale
                 + _window_sum_kernel_grad(g_den, weights, bias_exp.shape, stride))
   return (d_weights * weights, d_values.astype(values.dtype), d_bias_exp * bias_exp,
           d_num_kernel * bias_exp)
+
+
+def _one_query_at_a_time(grads_fn):
+  """grads_fn run for each query in turn: queries are independent but for their sum into dV,
+  so the backward pass holds one query's [B, H, W, h, d] temporaries at a time."""
+  def run(scores, values, valid, bias, scale, stride, g_out, g):
+    def one(q, carry):
+      d_scores, d_values, d_bias, d_scale = carry
+      ds, dv, db, dsc = grads_fn(_take(scores, 3, q), values, valid, _take(bias, 2, q),
+                                 _take(scale, 2, q), stride, _take(g_out, 3, q), _take(g, 3, q))
+      return (_put(d_scores, ds, 3, q), d_values + dv.astype(jnp.float32),
+              _put(d_bias, db, 2, q), _put(d_scale, dsc, 2, q))
+
+    init = (jnp.zeros(scores.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32),
+            jnp.zeros(bias.shape, jnp.float32), jnp.zeros(scale.shape, jnp.float32))
+    d_scores, d_values, d_bias, d_scale = jax.lax.fori_loop(0, scores.shape[3], one, init)
+    return d_scores, d_values.astype(values.dtype), d_bias, d_scale
+  return run
 
 
 class _Offsets:
@@ -247,15 +286,14 @@ def _aggregate_exact(scores, values, valid, bias, scale, stride):
   return num * _inverse(den)[..., None]
 
 
-def _exact_grads(scores, values, valid, bias, scale, stride, out, g):
+def _exact_grads(scores, values, valid, bias, scale, stride, g_out, g):
   """Cotangents of the exact path from normalized attention a, one offset at a time:
   dl = a (Ws (g . V) - g . out) for every logit l = S + B, dWs = a (g . V), dV = a Ws g."""
   k = bias.shape[0]
   pad = (k - 1) // 2
   views, padded_values, weight = _exact_setup(scores, values, valid, bias, stride)
   inv = _inverse(jax.lax.fori_loop(0, k * k, lambda o, d: d + weight(o),
-                                   jnp.zeros(out.shape[:-1], jnp.float32)))
-  g_out = (g * out).sum(-1)
+                                   jnp.zeros(g_out.shape, jnp.float32)))
   flat_scale = scale.reshape(k * k, *scale.shape[2:])
 
   def accumulate(offset, carry):
@@ -316,10 +354,12 @@ def _aggregate_fwd(scores, values, valid, bias, scale, stride):
 
 def _aggregate_bwd(stride, residuals, g):
   scores, values, valid, bias, scale, out, safe = residuals
+  g = g.astype(jnp.float32)
+  g_out = (g * out).sum(-1)  # All either path needs of the output.
   grads = jax.lax.cond(
-      safe, lambda *args: _fast_grads(*args[:5], stride, *args[5:]),
+      safe, lambda *args: _one_query_at_a_time(_fast_grads)(*args[:5], stride, *args[5:]),
       lambda *args: _exact_grads(*args[:5], stride, *args[5:]),
-      scores, values, valid, bias, scale, out, g.astype(jnp.float32))
+      scores, values, valid, bias, scale, g_out, g)
   d_scores, d_values, d_bias, d_scale = grads
   return d_scores, d_values, None, d_bias, d_scale
 
