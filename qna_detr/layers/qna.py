@@ -154,19 +154,12 @@ def _aggregate_fast(scores, values, valid, bias, scale, stride):
   Returns the output [B, Ho, Wo, Q, h, d] and whether every window's normalizer is safe.
   """
   weights, bias_exp = _fast_weights(scores, valid, bias)
+  weighted_values = weights[..., None].astype(values.dtype) * values[:, :, :, None]
+  num = _window_sum(weighted_values, (bias_exp * scale)[..., None], stride)
   den = _window_sum(weights, bias_exp, stride)
   window_has_valid = masking.window_any(valid, bias.shape[0], stride)  # [B, Ho, Wo]
   safe = jnp.all((den >= _MIN_SAFE_NORMALIZER) | ~window_has_valid[..., None, None])
-  inv = _inverse(den)
-  num_kernel = bias_exp * scale
-
-  def one_query(q, out):  # One query's numerator at a time bounds the temporaries.
-    weighted_values = _take(weights, 3, q)[..., None].astype(values.dtype) * values[:, :, :, None]
-    num = _window_sum(weighted_values, _take(num_kernel, 2, q)[..., None], stride)
-    return _put(out, num * _take(inv, 3, q)[..., None], 3, q)
-
-  out = jnp.zeros(den.shape + values.shape[-1:], jnp.float32)
-  return jax.lax.fori_loop(0, scores.shape[3], one_query, out), safe
+  return num * _inverse(den)[..., None], safe
 
 
 def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
