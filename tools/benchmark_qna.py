@@ -17,8 +17,8 @@ Time: the median wall time of the jitted, compiled call over `--repeats` calls a
 warm-up call; a case stops repeating early once its timed calls have taken `--budget_s`
 (at least one timed call), so the defaults finish in minutes on a 2-core CPU, where the large-k
 backward passes take tens of seconds a call.
-Memory: `peak_bytes` = argument_size_in_bytes + output_size_in_bytes + temp_size_in_bytes of
-the compiled executable's `memory_analysis()` (nothing is donated, so no bytes are aliased);
+Memory: `peak_bytes` = argument + output + temp bytes of the compiled executable's
+`memory_analysis()` (`qna_detr.utils.xla_stats`; nothing is donated, so no bytes are aliased);
 XLA's static buffer assignment, the same for every layer, not a measured process peak.
 
   python tools/benchmark_qna.py [--json PATH] [--plot PATH] [--windows 3,7] [--layers qna,sasa]
@@ -40,6 +40,7 @@ from absl import app, flags, logging
 from qna_detr.layers.qna import QnA
 from qna_detr.layers.sasa import SASA
 from qna_detr.layers.window_attention import WindowAttention
+from qna_detr.utils import xla_stats
 
 Array = jax.Array
 
@@ -138,9 +139,7 @@ def measure(step: Callable, args: tuple, repeats: int, budget_s: float
   start = time.perf_counter()
   compiled = jax.jit(step).lower(*args).compile()
   compile_s = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
-          + memory.temp_size_in_bytes)
+  peak = xla_stats.stats_of(compiled)['peak_bytes']
   jax.block_until_ready(compiled(*args))  # Warm-up.
   times = []
   while len(times) < repeats and (not times or sum(times) < budget_s):
