@@ -8,13 +8,13 @@ Algorithm 1 (supplement) reduces to element-wise products and k x k window sums:
 with fused scores S = X (W_K q), so no key tensor is ever built.
 
 Numerics. The authors' release exponentiates the raw scores, which overflows for large inputs.
-Here the window sums run as depthwise convolutions on scores shifted by their per-image
-maximum (a constant per window, so the ratio is unchanged), and the normalizers are checked:
-if any window's normalizer fell into the float range where its terms lose precision (a window
-whose scores all sit ~35 nats below the image maximum), the whole call is recomputed with the
-exact per-window maximum, visiting the k^2 window offsets one at a time; it is never taken for
-ordinary activations. Both paths have a hand-written backward pass (custom VJP) that, like the
-forward, needs O(HWD) memory whatever k is.
+Here the window sums run on scores shifted by their per-image maximum (a constant per window,
+so the ratio is unchanged), and the normalizers are checked: if any window's normalizer fell
+into the float range where its terms lose precision (a window whose scores all sit ~35 nats
+below the image maximum), the whole call is recomputed with the exact per-window maximum,
+visiting the k^2 window offsets one at a time; it is never taken for ordinary activations.
+Both paths have a hand-written backward pass (custom VJP) that, like the forward, needs
+O(HWD) memory whatever k is.
 """
 import functools
 from typing import Callable, Optional
@@ -149,7 +149,7 @@ def _inverse(den: Array) -> Array:
 
 
 def _aggregate_fast(scores, values, valid, bias, scale, stride):
-  """Window softmax as two depthwise convolutions (Algorithm 1).
+  """Window softmax as two window sums (Algorithm 1).
 
   Returns the output [B, Ho, Wo, Q, h, d] and whether every window's normalizer is safe.
   """
