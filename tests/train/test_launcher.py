@@ -29,16 +29,21 @@ def _config_file(tmp_path) -> pathlib.Path:
   return path
 
 
-def _launch(tmp_path, extra_env=None) -> pathlib.Path:
-  workdir = tmp_path / 'run'
+def _run(script: str, args: list[str], extra_env=None) -> subprocess.CompletedProcess:
   python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
   result = subprocess.run(
-      [sys.executable, str(ROOT / 'projects/qna_detr/main.py'),
-       f'--config={_config_file(tmp_path)}', f'--workdir={workdir}',
-       '--config.num_train_steps=3', '--config.checkpoint_every_steps=1000'],
+      [sys.executable, str(ROOT / script)] + args,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
       capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-4000:]
+  return result
+
+
+def _launch(tmp_path, extra_env=None) -> pathlib.Path:
+  workdir = tmp_path / 'run'
+  _run('projects/qna_detr/main.py',
+       [f'--config={_config_file(tmp_path)}', f'--workdir={workdir}',
+        '--config.num_train_steps=3', '--config.checkpoint_every_steps=1000'], extra_env)
   return workdir
 
 
@@ -52,8 +57,21 @@ def _check_run(workdir: pathlib.Path) -> None:
   assert any(name.startswith('events.out.tfevents') for name in os.listdir(workdir))
 
 
-def test_own_entry_point(tmp_path):
-  _check_run(_launch(tmp_path, {'QNA_DETR_DISABLE_SCENIC': '1'}))
+def test_own_entry_point_then_evaluate(tmp_path):
+  workdir = _launch(tmp_path, {'QNA_DETR_DISABLE_SCENIC': '1'})
+  _check_run(workdir)
+  # tools/evaluate.py on the final checkpoint: the summary, the files, and twice the numbers
+  # the training run wrote.
+  trained = json.loads((workdir / 'metrics.json').read_text())
+  for attempt in ('first', 'second'):
+    output = tmp_path / attempt
+    result = _run('tools/evaluate.py', [f'--config={_config_file(tmp_path)}',
+                                        f'--workdir={workdir}', f'--output={output}'])
+    assert result.stdout.count('Average Precision') == 6
+    assert json.loads((output / 'metrics.json').read_text()) == trained
+    detections = json.loads((output / 'detections.json').read_text())
+    assert {d['category_id'] for d in detections} <= {1, 2, 3, 4, 5}
+    assert (output / 'per_category_ap.txt').read_text().startswith('category')
 
 
 @pytest.mark.skipif(importlib.util.find_spec('scenic') is None or
