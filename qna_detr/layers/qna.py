@@ -88,6 +88,9 @@ def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
   return functools.reduce(jnp.add, terms)
 
 
+_KERNEL_GRAD_ROWS = 4  # Output rows per fused pass of the kernel gradient.
+
+
 def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], stride: int,
                             x_factor: Optional[Array] = None,
                             g_factor: Optional[Array] = None) -> Array:
@@ -95,28 +98,44 @@ def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], s
   and the output cotangent g (times g_factor[..., None] if given): per offset, the sum of
   g * shifted input over the batch, the positions, and every dim the kernel broadcasts over.
 
-  One offset per loop step: unrolled, XLA materializes all k^2 products (GBs at k = 7).
-  Passing a product's factors instead of the product saves its memory and traffic.
+  A loop over chunks of output rows, each one fused pass over all k^2 offsets: one pass per
+  offset would read the inputs k^2 times, and one pass over everything would hold all k^2
+  products (GBs at k = 7). Passing a product's factors instead of the product saves its memory.
   """
   k = kernel_shape[0]
   p = k // 2
-  pad = lambda a: jnp.pad(a, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (a.ndim - 3))  # noqa: E731
-  xp = pad(x)
-  factor = None if x_factor is None else pad(x_factor)
-  views = _Offsets(k, stride, *g.shape[1:3])
-  axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
-  if g_factor is not None:
-    g_factor = g_factor[..., None]
+  ho, wo = g.shape[1:3]
+  rows = _KERNEL_GRAD_ROWS
+  chunks = -(-ho // rows)
+  in_rows = stride * (chunks * rows - 1) + k  # Padded input rows that the chunks reach.
 
-  def accumulate(offset, grads):
-    shifted = views.gather(xp, offset).astype(jnp.float32)
-    if factor is not None:
-      shifted = views.gather(factor, offset)[..., None] * shifted[:, :, :, None]
-    weighted = shifted * g if g_factor is None else shifted * g * g_factor
-    return grads.at[offset].set(weighted.sum(axes))
+  def pad(a, height):
+    return jnp.pad(a, ((0, 0), (p, height - a.shape[1] - p), (p, p)) + ((0, 0),) * (a.ndim - 3))
+
+  xp = pad(x, in_rows)
+  factor = None if x_factor is None else pad(x_factor, in_rows)
+  if g_factor is not None:
+    g = g * g_factor[..., None]
+  g = jnp.pad(g, ((0, 0), (0, chunks * rows - ho)) + ((0, 0),) * (g.ndim - 2))
+  axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
+  span = stride * (rows - 1) + k
+
+  def accumulate(chunk, grads):
+    g_rows = jax.lax.dynamic_slice_in_dim(g, chunk * rows, rows, 1)
+    x_rows = jax.lax.dynamic_slice_in_dim(xp, chunk * rows * stride, span, 1)
+    f_rows = (None if factor is None else
+              jax.lax.dynamic_slice_in_dim(factor, chunk * rows * stride, span, 1))
+
+    def term(i, j):
+      shifted = _shifted(x_rows, i, j, stride, rows, wo).astype(jnp.float32)
+      if f_rows is not None:
+        shifted = _shifted(f_rows, i, j, stride, rows, wo)[..., None] * shifted[:, :, :, None]
+      return (g_rows * shifted).sum(axes)
+
+    return grads + jnp.stack([term(i, j) for i in range(k) for j in range(k)])
 
   grads = jnp.zeros((k * k,) + tuple(n for n in kernel_shape[2:] if n != 1), jnp.float32)
-  return jax.lax.fori_loop(0, k * k, accumulate, grads).reshape(kernel_shape)
+  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape(kernel_shape)
 
 
 def _take(x: Array, axis: int, q) -> Array:
