@@ -3,7 +3,7 @@ compilation cache.
 
 Many tests compile the same small programs (the same micro DETR in several runs, in
 subprocesses too); a persistent XLA cache turns every repeat into a load. It lives in the
-system's temp dir, so later sessions on the same machine start warm; correctness never depends
+system's temp dir, so later test runs on the same machine start warm; correctness never depends
 on it.
 """
 import copy

@@ -73,7 +73,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
 
 def _next_global_batch(iterator, sharding) -> dict[str, jax.Array]:
   """The next host batch, padded to the shape all processes agree on, as global arrays."""
-  batch = {k: v.numpy() for k, v in next(iterator).items()}
+  batch = {k: v.numpy() for k, v in next(iterator).items() if k in steps.BATCH_KEYS}
   if jax.process_count() > 1:
     shapes = multihost_utils.process_allgather(np.asarray(batch['inputs'].shape[1:3]))
     batch = batching.pad_batch(batch, tuple(int(s) for s in np.max(shapes, axis=0)))

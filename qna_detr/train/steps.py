@@ -10,6 +10,7 @@ import optax
 from qna_detr.detr import LossWeights, set_criterion
 
 TARGET_KEYS = ('boxes', 'labels', 'box_mask')
+BATCH_KEYS = ('inputs', 'padding_mask') + TARGET_KEYS  # All a train step reads.
 
 
 @flax.struct.dataclass
