@@ -394,6 +394,20 @@ def _check_config(features: int, heads: int, kernel_size: int, stride: int,
                      f'stride={stride}.')
 
 
+def fused_query_keys(query: Array, w_k: Array, heads: int, normalize_queries: bool) -> Array:
+  """W_K q for every query and head: [C, Q, h], so that the scores are S = X (W_K q).
+
+  query: the [Q, D] parameter, unit-normalized per head (if asked) and scaled by 1/sqrt(d_h)
+  here; w_k: the [C, D] key projection. Public so that tools can recompute the layer's scores.
+  """
+  head_dim = query.shape[-1] // heads
+  query = query.reshape(query.shape[0], heads, head_dim)
+  if normalize_queries:
+    query = query / (jnp.linalg.norm(query, axis=-1, keepdims=True) + 1e-6)
+  query = query / np.sqrt(head_dim)
+  return jnp.einsum('qhd,chd->cqh', query, w_k.reshape(-1, heads, head_dim))
+
+
 class QnA(nn.Module):
   """Query-and-Attend layer.
 
@@ -430,17 +444,14 @@ class QnA(nn.Module):
     hd = self.features // nh
     nq = self.num_queries * up * up
 
-    query = self.param('query', _query_init(hd), (nq, self.features)).reshape(nq, nh, hd)
-    if self.normalize_queries:
-      query = query / (jnp.linalg.norm(query, axis=-1, keepdims=True) + 1e-6)
-    query = query / np.sqrt(hd)
-    w_k = self.param('Wk', self.kernel_init, (x.shape[-1], self.features)).reshape(-1, nh, hd)
+    query = self.param('query', _query_init(hd), (nq, self.features))
+    w_k = self.param('Wk', self.kernel_init, (x.shape[-1], self.features))
     bias = self.param('rpe_bias', nn.initializers.zeros, (k, k, nq, nh))
     scale = self.param('attn_scale_weights', nn.initializers.normal(0.02), (k, k, nq, nh))
 
     x = x.astype(self.dtype)
     # Fused scores: (W_K q) first, so the [B, H, W, D] key tensor never exists.
-    query_keys = jnp.einsum('qhd,chd->cqh', query, w_k).astype(self.dtype)
+    query_keys = fused_query_keys(query, w_k, nh, self.normalize_queries).astype(self.dtype)
     scores = jnp.einsum('bywc,cqh->bywqh', x, query_keys, preferred_element_type=jnp.float32)
     values = nn.Dense(self.features, use_bias=False, dtype=self.dtype,
                       kernel_init=self.kernel_init, name='to_v')(x)
