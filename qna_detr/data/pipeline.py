@@ -283,7 +283,8 @@ def _finish_batch(batch: Example) -> Example:
 
 def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch_size: int,
                   shuffle_seed: int, train: bool, process_index: int | None = None,
-                  process_count: int | None = None) -> DetectionDataset:
+                  process_count: int | None = None,
+                  source: sources.Source | None = None) -> DetectionDataset:
   """Builds one split of the dataset named by `config.dataset` for this process.
 
   Args:
@@ -295,6 +296,9 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
     train: training (shuffled, augmented, repeated) or evaluation (one ordered pass).
     process_index: this process (default `jax.process_index()`); each reads its own shard.
     process_count: number of processes (default `jax.process_count()`).
+    source: read this source instead of the split of `config.dataset` (e.g. an image
+      folder, `image_folder.image_folder`), with the same transforms and buckets; its
+      `elements` must be this process's part.
 
   Returns:
     The `DetectionDataset`.
@@ -306,8 +310,9 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
     raise ValueError(f'global_batch_size {global_batch_size} is not a multiple of the '
                      f'{process_count} processes')
   batch_size = global_batch_size // process_count
-  source = _make_source(cfg, _split_prefix(split), shuffle_seed if train else None,
-                        process_index, process_count)
+  if source is None:
+    source = _make_source(cfg, _split_prefix(split), shuffle_seed if train else None,
+                          process_index, process_count)
   if source.num_examples < process_count:
     raise ValueError(f'Split {split!r} has {source.num_examples} examples, fewer than the '
                      f'{process_count} processes')
