@@ -23,8 +23,6 @@ from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import inference
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
-from qna_detr.train import optimizer
-from qna_detr.train import steps
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=False)
@@ -44,10 +42,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   model = models.build_detr(config.model, dataset.num_classes)
-  tx, _ = optimizer.build_optimizer(config, epoch_steps=1)
-  abstract = jax.eval_shape(lambda key: steps.create_state(model, tx, key, (64, 64)),
-                            jax.random.PRNGKey(0))
-  state = checkpoints.restore_state(step_dir, abstract)
+  state = checkpoints.restore_state(step_dir, loop.abstract_state(config, model))
   logging.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
                dataset.num_examples)
   mesh = parallel.data_mesh()

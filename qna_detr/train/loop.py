@@ -71,6 +71,14 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def abstract_state(config: ml_collections.ConfigDict, model) -> steps.TrainState:
+  """The train state's shapes and dtypes, computed without running: what a checkpoint of
+  this config restores into (`checkpoints.restore_state`)."""
+  tx, _ = optimizer.build_optimizer(config, epoch_steps=1)
+  return jax.eval_shape(lambda key: steps.create_state(model, tx, key, (64, 64)),
+                        jax.random.PRNGKey(0))
+
+
 def _next_global_batch(iterator, sharding) -> dict[str, jax.Array]:
   """The next host batch, padded to the shape all processes agree on, as global arrays."""
   batch = {k: v.numpy() for k, v in next(iterator).items() if k in steps.BATCH_KEYS}

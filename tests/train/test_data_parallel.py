@@ -11,6 +11,8 @@ import subprocess
 import sys
 import textwrap
 
+import train_testing
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 EIGHT_VERSUS_ONE = textwrap.dedent('''
@@ -77,15 +79,8 @@ def _free_port() -> int:
 
 def test_two_processes_train_over_jax_distributed(tmp_path):
   """The launcher on two processes (one CPU device each) trains and evaluates together."""
-  config_file = tmp_path / 'micro_config.py'
-  config_file.write_text(textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(ROOT / 'tests/train')!r})
-      import train_testing
-
-      def get_config():
-        return train_testing.micro_config({str(tmp_path / 'data')!r}, steps=3)
-  '''))
+  config_file = train_testing.write_config_file(tmp_path / 'micro_config.py',
+                                                str(tmp_path / 'data'), steps=3)
   port = _free_port()
   workdir = tmp_path / 'run'
   procs = [subprocess.Popen(

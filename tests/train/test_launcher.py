@@ -8,33 +8,21 @@ import json
 import os
 import pathlib
 import subprocess
-import sys
-import textwrap
 
 import pytest
+
+import train_testing
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _config_file(tmp_path) -> pathlib.Path:
-  path = tmp_path / 'micro_config.py'
-  path.write_text(textwrap.dedent(f'''
-      import sys
-      sys.path.insert(0, {str(ROOT / 'tests/train')!r})
-      import train_testing
-
-      def get_config():
-        return train_testing.micro_config({str(tmp_path / 'data')!r}, steps=4)
-  '''))
-  return path
+  return train_testing.write_config_file(tmp_path / 'micro_config.py', str(tmp_path / 'data'),
+                                         steps=4)
 
 
 def _run(script: str, args: list[str], extra_env=None) -> subprocess.CompletedProcess:
-  python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
-  result = subprocess.run(
-      [sys.executable, str(ROOT / script)] + args,
-      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
-      capture_output=True, text=True, timeout=900)
+  result = train_testing.run_script(script, args, extra_env)
   assert result.returncode == 0, result.stderr[-4000:]
   return result
 

@@ -1,7 +1,15 @@
 """A micro experiment (tiny images, tiny DETR) that compiles and trains in seconds on a CPU."""
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
 import ml_collections
 
 from qna_detr import configs
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def micro_config(data_dir: str, *, batch_size: int = 4,
@@ -19,3 +27,26 @@ def micro_config(data_dir: str, *, batch_size: int = 4,
   config.checkpoint_every_steps = 2
   config.eval_every_epochs = 1000.0
   return config
+
+
+def write_config_file(path: pathlib.Path, data_dir: str, **kwargs) -> pathlib.Path:
+  """A config file whose get_config() is `micro_config(data_dir, **kwargs)`, for the tools."""
+  path.write_text(textwrap.dedent(f'''
+      import sys
+      sys.path.insert(0, {str(ROOT / 'tests' / 'train')!r})
+      import train_testing
+
+      def get_config():
+        return train_testing.micro_config({data_dir!r}, **{kwargs!r})
+  '''))
+  return path
+
+
+def run_script(script: str, args: list[str], extra_env: dict | None = None,
+               timeout: int = 900) -> subprocess.CompletedProcess:
+  """Runs a script of the repository (e.g. 'tools/evaluate.py') on the CPU; output captured."""
+  python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
+  return subprocess.run(
+      [sys.executable, str(ROOT / script)] + args,
+      env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
+      capture_output=True, text=True, timeout=timeout)
