@@ -16,6 +16,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       backbone_drop_path=config_dict.placeholder(float),  # None: the variant's own rate.
       num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6,
       num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
+      position_at_input=True,  # See detr.model.DETR: QnA-ViT's features hold no position.
       dtype='float32'))
   config.matcher = ml_collections.ConfigDict(dict(
       cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))

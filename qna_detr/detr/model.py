@@ -42,6 +42,11 @@ class DETR(nn.Module):
     num_heads, num_encoder_layers, num_decoder_layers, dim_feedforward, dropout: transformer sizes.
     dtype: compute dtype (float32 or bfloat16); parameters and outputs are float32.
     aux_loss: also predict from every decoder layer but the last (for the auxiliary losses).
+    position_at_input: also add the position encoding to the projected features once, so that
+      the values attention moves around carry where they come from (DETR's "at input"
+      variant). The decoder adds position codes to queries and keys only, so its output knows
+      absolute positions only through the features; a ResNet's zero padding puts them there,
+      a backbone that masks its padding (as QnA-ViT does) does not.
   """
   backbone: nn.Module
   num_classes: int
@@ -54,6 +59,7 @@ class DETR(nn.Module):
   dropout: float = 0.1
   dtype: jnp.dtype = jnp.float32
   aux_loss: bool = True
+  position_at_input: bool = True
 
   @nn.compact
   def __call__(self, images: jax.Array, padding_mask: jax.Array, *, train: bool) -> Outputs:
@@ -83,6 +89,8 @@ class DETR(nn.Module):
 
     src = nn.Dense(self.hidden_dim, dtype=self.dtype, name='input_proj')(features)
     pos = sine_position_encoding(mask, self.hidden_dim // 2)
+    if self.position_at_input:
+      src = src + pos.astype(src.dtype)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
                              (self.num_queries, self.hidden_dim))
     transformer = Transformer(
