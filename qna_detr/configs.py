@@ -17,6 +17,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6,
       num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
       position_at_input=True,  # See detr.model.DETR: QnA-ViT's features hold no position.
+      feature_level=-1,  # The backbone level the transformer reads (-1: the last).
       dtype='float32'))
   config.matcher = ml_collections.ConfigDict(dict(
       cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))

@@ -23,4 +23,5 @@ def build_detr(model_config: ml_collections.ConfigDict, num_classes: int) -> DET
               hidden_dim=m.hidden_dim, num_heads=m.num_heads,
               num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
               dim_feedforward=m.dim_feedforward, dropout=m.dropout, dtype=dtype,
-              aux_loss=m.aux_loss, position_at_input=m.position_at_input)
+              aux_loss=m.aux_loss, position_at_input=m.position_at_input,
+              feature_level=m.feature_level)

@@ -47,6 +47,8 @@ class DETR(nn.Module):
       variant). The decoder adds position codes to queries and keys only, so its output knows
       absolute positions only through the features; a ResNet's zero padding puts them there,
       a backbone that masks its padding (as QnA-ViT does) does not.
+    feature_level: the backbone feature map the transformer reads (an index into the
+      pyramid; -1 = the last, DETR's choice).
   """
   backbone: nn.Module
   num_classes: int
@@ -60,6 +62,7 @@ class DETR(nn.Module):
   dtype: jnp.dtype = jnp.float32
   aux_loss: bool = True
   position_at_input: bool = True
+  feature_level: int = -1
 
   @nn.compact
   def __call__(self, images: jax.Array, padding_mask: jax.Array, *, train: bool) -> Outputs:
@@ -83,7 +86,7 @@ class DETR(nn.Module):
     if images.ndim != 4 or padding_mask.shape != images.shape[:3]:
       raise ValueError(f'images must be [B, H, W, 3] and padding_mask [B, H, W]; got '
                        f'{images.shape} and {padding_mask.shape}')
-    feature_map = self.backbone(images, padding_mask, train=train)[-1]
+    feature_map = self.backbone(images, padding_mask, train=train)[self.feature_level]
     features, mask = feature_map.features, feature_map.mask
     batch, height, width, _ = features.shape
 

@@ -197,3 +197,41 @@ def test_rejects_bad_arguments(model_and_params):
     init(tiny_detr(num_heads=3), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8), bool))
   with pytest.raises(ValueError, match='hidden_dim'):
     init(tiny_detr(hidden_dim=18), jnp.zeros((1, 8, 8, 3)), jnp.zeros((1, 8, 8), bool))
+
+
+class ContentFreeBackbone(nn.Module):
+  """The same feature vector at every position, at strides 4 (8 channels) and 8 (12)."""
+
+  @nn.compact
+  def __call__(self, images: jax.Array, padding_mask: jax.Array, *,
+               train: bool) -> Sequence[FeatureMap]:
+    batch, height, width = padding_mask.shape
+    return [FeatureMap(jnp.ones((batch, height // s, width // s, c)), padding_mask[:, ::s, ::s])
+            for s, c in ((4, 8), (8, 12))]
+
+
+@pytest.mark.parametrize('position_at_input', [False, True])
+def test_only_position_at_input_tells_the_head_where_content_is(position_at_input):
+  """Content-free features: attention then averages identical values, so without the position
+  encoding among the values the predictions cannot depend on the image's layout at all."""
+  model = DETR(ContentFreeBackbone(), num_classes=3, num_queries=5, hidden_dim=16, num_heads=2,
+               num_encoder_layers=1, num_decoder_layers=2, dim_feedforward=32,
+               position_at_input=position_at_input)
+  square, wide = jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 32, 3))
+  variables = init(model, square, jnp.zeros((1, 16, 16), bool))
+  boxes = [jit_apply(model)(variables, x, jnp.zeros(x.shape[:3], bool), train=False)
+           ['pred_boxes'] for x in (square, wide)]
+  difference = float(jnp.abs(boxes[0] - boxes[1]).max())
+  if position_at_input:
+    assert difference > 1e-3
+  else:
+    assert difference < 1e-5
+
+
+@pytest.mark.parametrize('level,channels', [(0, 8), (-1, 12)])
+def test_feature_level_picks_the_backbone_map(level, channels):
+  model = DETR(ContentFreeBackbone(), num_classes=3, num_queries=5, hidden_dim=16, num_heads=2,
+               num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
+               feature_level=level)
+  variables = init(model, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16), bool))
+  assert variables['params']['input_proj']['kernel'].shape == (channels, 16)
