@@ -2,8 +2,8 @@
 
 The project's embedded default dataset, small enough for a CPU to train on in minutes and
 distinct enough for a small DETR to learn: five shape classes, each in its own colour
-family, of varied size, aspect ratio and count, overlapping only partly (every object keeps most of its area
-visible), on smooth colour fields with stripes and grain. Images have COCO's mix of
+family, of varied size, aspect ratio and count, overlapping only partly (every object keeps
+most of its area visible), on smooth colour fields with stripes and grain. Images have COCO's mix of
 aspect ratios (1, 4:3, 3:2, landscape or portrait) with the longer side `image_size`.
 Everything is drawn from `numpy.random.default_rng([seed, split, index])`, so an image
 does not depend on how many others are made.

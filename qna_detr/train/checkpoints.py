@@ -50,7 +50,7 @@ class Checkpointer:
               iterator: Optional[tf.data.Iterator] = None) -> Any:
     """The state at `step` (default: latest); the iterator too when one is given and saved."""
     step = self.latest_step() if step is None else step
-    state = self._manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    state = _restore_checked(self._manager, step, abstract_state)
     if iterator is not None:
       path = self._data_path(step)
       if tf.io.gfile.exists(path + '.index'):
@@ -86,10 +86,28 @@ def restore_state(step_dir: str, abstract_state: Any) -> Any:
   """
   manager = ocp.CheckpointManager(os.path.dirname(step_dir))
   try:
-    return manager.restore(int(os.path.basename(step_dir)),
-                           args=ocp.args.StandardRestore(abstract_state))
-  except (ValueError, KeyError, TypeError) as e:
-    raise ValueError(f'The checkpoint {step_dir} does not fit the model of this config (was it '
-                     f'written with another config?): {str(e)[:2000]}') from e
+    return _restore_checked(manager, int(os.path.basename(step_dir)), abstract_state)
   finally:
     manager.close()
+
+
+def _restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: Any) -> Any:
+  """manager's checkpoint at step, or a ValueError naming it if it is not of this model."""
+  step_dir = os.path.join(str(manager.directory), str(step))
+  try:
+    state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except (ValueError, KeyError, TypeError) as e:
+    raise _mismatch(step_dir, str(e)[:2000]) from e
+  # Orbax restores arrays with the stored shapes whatever the target's: compare them here.
+  stored = jax.tree_util.tree_leaves_with_path(state)
+  wanted = jax.tree_util.tree_leaves(abstract_state)
+  different = [f'{jax.tree_util.keystr(path)}: stored {tuple(a.shape)}, model {tuple(b.shape)}'
+               for (path, a), b in zip(stored, wanted) if tuple(a.shape) != tuple(b.shape)]
+  if different:
+    raise _mismatch(step_dir, f'{len(different)} shapes differ: ' + '; '.join(different[:5]))
+  return state
+
+
+def _mismatch(step_dir: str, details: str) -> ValueError:
+  return ValueError(f'The checkpoint {step_dir} does not fit the model of this config (was it '
+                    f'written with another config?): {details}')

@@ -5,35 +5,15 @@ import pathlib
 import subprocess
 import sys
 
-import jax
 import numpy as np
 from PIL import Image
 import pytest
 
-from qna_detr import models
 from qna_detr.data import toy
-from qna_detr.train import checkpoints
-from qna_detr.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tests' / 'train'))
 import train_testing  # noqa: E402  pylint: disable=g-import-not-at-top
-
-
-def _write_checkpoint(workdir: str, data_dir: str) -> None:
-  """A train state of the micro model with random parameters (no compilation needed)."""
-  config = train_testing.micro_config(data_dir)
-  model = models.build_detr(config.model, len(toy.CLASSES))
-  abstract = loop.abstract_state(config, model)
-  rng = np.random.default_rng(0)
-  state = jax.tree.map(
-      lambda leaf: (rng.normal(scale=0.5, size=leaf.shape).astype(leaf.dtype)
-                    if np.issubdtype(leaf.dtype, np.floating) else np.zeros(leaf.shape,
-                                                                            leaf.dtype)),
-      abstract)
-  writer = checkpoints.Checkpointer(workdir, keep=1)
-  writer.save(1, state)
-  writer.close()
 
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
@@ -44,7 +24,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 def setup(tmp_path_factory, toy_dir) -> list[str]:
   root = tmp_path_factory.mktemp('visualize')
   workdir = str(root / 'run')
-  _write_checkpoint(workdir, toy_dir)
+  train_testing.write_random_checkpoint(workdir, train_testing.micro_config(toy_dir))
   config_file = train_testing.write_config_file(root / 'micro_config.py', toy_dir)
   return [f'--config={config_file}', f'--workdir={workdir}']
 

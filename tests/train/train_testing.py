@@ -5,9 +5,15 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import ml_collections
+import numpy as np
 
 from qna_detr import configs
+from qna_detr import models
+from qna_detr.data import toy
+from qna_detr.train import checkpoints
+from qna_detr.train import loop
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -50,3 +56,19 @@ def run_script(script: str, args: list[str], extra_env: dict | None = None,
       [sys.executable, str(ROOT / script)] + args,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
       capture_output=True, text=True, timeout=timeout)
+
+
+def write_random_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int = 1):
+  """Saves a train state of config's model (toy classes) with random parameters, without
+  compiling anything; returns it."""
+  model = models.build_detr(config.model, len(toy.CLASSES))
+  rng = np.random.default_rng(0)
+  state = jax.tree.map(
+      lambda leaf: (rng.normal(scale=0.5, size=leaf.shape).astype(leaf.dtype)
+                    if np.issubdtype(leaf.dtype, np.floating) else np.zeros(leaf.shape,
+                                                                            leaf.dtype)),
+      loop.abstract_state(config, model))
+  writer = checkpoints.Checkpointer(workdir, keep=1)
+  writer.save(step, state)
+  writer.close()
+  return state
