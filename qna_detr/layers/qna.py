@@ -114,14 +114,16 @@ def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], s
 
   xp = pad(x, in_rows)
   factor = None if x_factor is None else pad(x_factor, in_rows)
-  if g_factor is not None:
-    g = g * g_factor[..., None]
-  g = jnp.pad(g, ((0, 0), (0, chunks * rows - ho)) + ((0, 0),) * (g.ndim - 2))
+  pad_rows = lambda a: jnp.pad(a, ((0, 0), (0, chunks * rows - ho)) + ((0, 0),) * (a.ndim - 2))
+  g = pad_rows(g)
+  g_factor = None if g_factor is None else pad_rows(g_factor)
   axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
   span = stride * (rows - 1) + k
 
   def accumulate(chunk, grads):
     g_rows = jax.lax.dynamic_slice_in_dim(g, chunk * rows, rows, 1)
+    if g_factor is not None:  # Per chunk: the product over all rows is never stored.
+      g_rows = g_rows * jax.lax.dynamic_slice_in_dim(g_factor, chunk * rows, rows, 1)[..., None]
     x_rows = jax.lax.dynamic_slice_in_dim(xp, chunk * rows * stride, span, 1)
     f_rows = (None if factor is None else
               jax.lax.dynamic_slice_in_dim(factor, chunk * rows * stride, span, 1))
@@ -181,43 +183,48 @@ def _aggregate_fast(scores, values, valid, bias, scale, stride):
   return num * _inverse(den)[..., None], safe
 
 
-def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
-  """Cotangents of the fast path through the transposes of its two window sums."""
+def _fast_input_grads(scores, values, valid, bias, scale, stride, g_out, g):
+  """The fast path's cotangents of the scores and values, and the bias cotangent through the
+  denominator, by the transposes of its two window sums."""
   weights, bias_exp = _fast_weights(scores, valid, bias)
   hgt, wid = scores.shape[1:3]
-  num_kernel = (bias_exp * scale)[..., None]
   inv = _inverse(_window_sum(weights, bias_exp, stride))
-  # d loss / d numerator is g * inv[..., None]; it is formed inside its two consumers, never
+  # d loss / d numerator is g * inv[..., None]; it is formed inside its consumer, never
   # stored. d loss / d denominator:
   g_den = -g_out * inv
-  d_weighted = _window_sum_transpose(g * inv[..., None], num_kernel, stride, hgt, wid)
+  d_weighted = _window_sum_transpose(g * inv[..., None], (bias_exp * scale)[..., None], stride,
+                                     hgt, wid)
   d_weights = ((d_weighted * values[:, :, :, None]).sum(-1)
                + _window_sum_transpose(g_den, bias_exp, stride, hgt, wid))
   d_values = (d_weighted * weights[..., None]).sum(3)
-  d_num_kernel = _window_sum_kernel_grad(g, values, num_kernel.shape, stride,
+  d_bias_den = _window_sum_kernel_grad(g_den, weights, bias_exp.shape, stride) * bias_exp
+  return d_weights * weights, d_values.astype(jnp.float32), d_bias_den
+
+
+def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
+  """Cotangents of the fast path.
+
+  The input cotangents go one query at a time: queries are independent but for their sum
+  into dV, so only one query's [B, H, W, h, d] temporaries are held at a time. The
+  numerator's kernel cotangents (a reduction over every pixel and offset, the costliest part)
+  go for all queries at once, so the values are read once for all of them.
+  """
+  def one(q, carry):
+    d_scores, d_values, d_bias = carry
+    ds, dv, db = _fast_input_grads(_take(scores, 3, q), values, valid, _take(bias, 2, q),
+                                   _take(scale, 2, q), stride, _take(g_out, 3, q),
+                                   _take(g, 3, q))
+    return _put(d_scores, ds, 3, q), d_values + dv, _put(d_bias, db, 2, q)
+
+  init = (jnp.zeros(scores.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32),
+          jnp.zeros(bias.shape, jnp.float32))
+  d_scores, d_values, d_bias = jax.lax.fori_loop(0, scores.shape[3], one, init)
+  weights, bias_exp = _fast_weights(scores, valid, bias)
+  inv = _inverse(_window_sum(weights, bias_exp, stride))
+  d_num_kernel = _window_sum_kernel_grad(g, values, bias.shape + (1,), stride,
                                          x_factor=weights, g_factor=inv)[..., 0]
-  d_bias_exp = (d_num_kernel * scale
-                + _window_sum_kernel_grad(g_den, weights, bias_exp.shape, stride))
-  return (d_weights * weights, d_values.astype(values.dtype), d_bias_exp * bias_exp,
+  return (d_scores, d_values.astype(values.dtype), d_bias + d_num_kernel * scale * bias_exp,
           d_num_kernel * bias_exp)
-
-
-def _one_query_at_a_time(grads_fn):
-  """grads_fn run for each query in turn: queries are independent but for their sum into dV,
-  so the backward pass holds one query's [B, H, W, h, d] temporaries at a time."""
-  def run(scores, values, valid, bias, scale, stride, g_out, g):
-    def one(q, carry):
-      d_scores, d_values, d_bias, d_scale = carry
-      ds, dv, db, dsc = grads_fn(_take(scores, 3, q), values, valid, _take(bias, 2, q),
-                                 _take(scale, 2, q), stride, _take(g_out, 3, q), _take(g, 3, q))
-      return (_put(d_scores, ds, 3, q), d_values + dv.astype(jnp.float32),
-              _put(d_bias, db, 2, q), _put(d_scale, dsc, 2, q))
-
-    init = (jnp.zeros(scores.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32),
-            jnp.zeros(bias.shape, jnp.float32), jnp.zeros(scale.shape, jnp.float32))
-    d_scores, d_values, d_bias, d_scale = jax.lax.fori_loop(0, scores.shape[3], one, init)
-    return d_scores, d_values.astype(values.dtype), d_bias, d_scale
-  return run
 
 
 class _Offsets:
@@ -369,7 +376,7 @@ def _aggregate_bwd(stride, residuals, g):
   g = g.astype(jnp.float32)
   g_out = (g * out).sum(-1)  # All either path needs of the output.
   grads = jax.lax.cond(
-      safe, lambda *args: _one_query_at_a_time(_fast_grads)(*args[:5], stride, *args[5:]),
+      safe, lambda *args: _fast_grads(*args[:5], stride, *args[5:]),
       lambda *args: _exact_grads(*args[:5], stride, *args[5:]),
       scores, values, valid, bias, scale, g_out, g)
   d_scores, d_values, d_bias, d_scale = grads
