@@ -88,56 +88,75 @@ def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
   return functools.reduce(jnp.add, terms)
 
 
-_KERNEL_GRAD_ROWS = 4  # Output rows per fused pass of the kernel gradient.
+_KERNEL_GRAD_ROWS = 2  # Output rows per fused pass of `_window_kernel_grad`.
 
 
-def _window_sum_kernel_grad(g: Array, x: Array, kernel_shape: tuple[int, ...], stride: int,
-                            x_factor: Optional[Array] = None,
-                            g_factor: Optional[Array] = None) -> Array:
-  """The kernel cotangent of `_window_sum` over the input x (times x_factor[..., None] if given)
-  and the output cotangent g (times g_factor[..., None] if given): per offset, the sum of
-  g * shifted input over the batch, the positions, and every dim the kernel broadcasts over.
+def _window_kernel_grad(g: Array, weights: Array, values: Array, k: int,
+                        stride: int) -> Array:
+  """The kernel cotangent [k, k, Q, h] of a window sum of weights * values: per offset (i, j),
+  the sum over images, outputs and channels of g times the weights * values at that offset.
 
-  A loop over chunks of output rows, each one fused pass over all k^2 offsets: one pass per
-  offset would read the inputs k^2 times, and one pass over everything would hold all k^2
-  products (GBs at k = 7). Passing a product's factors instead of the product saves its memory.
+  g: [B, Ho, Wo, Q, h, d] output cotangent; weights: [B, H, W, Q, h]; values: [B, H, W, h, d].
+  The reduction keeps (Q, h) and sums everything else, so the operands are first laid out as
+  [Q, h, B, H, W, d]: every reduction then runs over contiguous trailing dims, which XLA's
+  CPU backend vectorizes (summing over leading and trailing dims at once is several times
+  slower). A loop over chunks of output rows, each one fused pass over all k^2 offsets: one
+  pass per offset would read the inputs k^2 times, and one pass over everything would hold
+  all k^2 products (GBs at k = 7).
   """
-  k = kernel_shape[0]
   p = k // 2
   ho, wo = g.shape[1:3]
   rows = _KERNEL_GRAD_ROWS
   chunks = -(-ho // rows)
   in_rows = stride * (chunks * rows - 1) + k  # Padded input rows that the chunks reach.
-
-  def pad(a, height):
-    return jnp.pad(a, ((0, 0), (p, height - a.shape[1] - p), (p, p)) + ((0, 0),) * (a.ndim - 3))
-
-  xp = pad(x, in_rows)
-  factor = None if x_factor is None else pad(x_factor, in_rows)
-  pad_rows = lambda a: jnp.pad(a, ((0, 0), (0, chunks * rows - ho)) + ((0, 0),) * (a.ndim - 2))
-  g = pad_rows(g)
-  g_factor = None if g_factor is None else pad_rows(g_factor)
-  axes = (0, 1, 2) + tuple(3 + a for a, n in enumerate(kernel_shape[2:]) if n == 1)
   span = stride * (rows - 1) + k
 
+  def pad(a, axis):  # 'same' padding of the input rows (axis) and columns (axis + 1).
+    widths = [(0, 0)] * a.ndim
+    widths[axis], widths[axis + 1] = (p, in_rows - a.shape[axis] - p), (p, p)
+    return jnp.pad(a, widths)
+
+  gm = jnp.moveaxis(g, (3, 4), (0, 1))  # [Q, h, B, Ho, Wo, d]
+  gm = jnp.pad(gm, [(0, 0)] * 3 + [(0, chunks * rows - ho)] + [(0, 0)] * 2)
+  vm = pad(jnp.moveaxis(values, 3, 0), 2)  # [h, B, H', W', d]
+  fm = pad(jnp.moveaxis(weights, (3, 4), (0, 1)), 3)  # [Q, h, B, H', W']
+
   def accumulate(chunk, grads):
-    g_rows = jax.lax.dynamic_slice_in_dim(g, chunk * rows, rows, 1)
-    if g_factor is not None:  # Per chunk: the product over all rows is never stored.
-      g_rows = g_rows * jax.lax.dynamic_slice_in_dim(g_factor, chunk * rows, rows, 1)[..., None]
-    x_rows = jax.lax.dynamic_slice_in_dim(xp, chunk * rows * stride, span, 1)
-    f_rows = (None if factor is None else
-              jax.lax.dynamic_slice_in_dim(factor, chunk * rows * stride, span, 1))
+    g_rows = jax.lax.dynamic_slice_in_dim(gm, chunk * rows, rows, 3)
+    v_rows = jax.lax.dynamic_slice_in_dim(vm, chunk * rows * stride, span, 2)
+    f_rows = jax.lax.dynamic_slice_in_dim(fm, chunk * rows * stride, span, 3)
 
     def term(i, j):
-      shifted = _shifted(x_rows, i, j, stride, rows, wo).astype(jnp.float32)
-      if f_rows is not None:
-        shifted = _shifted(f_rows, i, j, stride, rows, wo)[..., None] * shifted[:, :, :, None]
-      return (g_rows * shifted).sum(axes)
+      v = v_rows[:, :, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      f = f_rows[..., i:i + stride * (rows - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
+      return (g_rows * (f[..., None] * v[None].astype(jnp.float32))).sum((2, 3, 4, 5))
 
     return grads + jnp.stack([term(i, j) for i in range(k) for j in range(k)])
 
-  grads = jnp.zeros((k * k,) + tuple(n for n in kernel_shape[2:] if n != 1), jnp.float32)
-  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape(kernel_shape)
+  grads = jnp.zeros((k * k,) + g.shape[3:5], jnp.float32)
+  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape((k, k) + g.shape[3:5])
+
+
+def _den_kernel_grad(g_den: Array, weights: Array, k: int, stride: int) -> Array:
+  """The kernel cotangent [k, k, Q, h] of the denominator's window sum of the weights: maps of
+  h channels only, in chunks of output rows like `_window_kernel_grad`."""
+  p = k // 2
+  ho, wo = g_den.shape[1:3]
+  rows = _KERNEL_GRAD_ROWS
+  chunks = -(-ho // rows)
+  span = stride * (rows - 1) + k
+  padded = jnp.pad(weights, ((0, 0), (p, stride * (chunks * rows - 1) + k - weights.shape[1] - p),
+                             (p, p), (0, 0), (0, 0)))
+  g_den = jnp.pad(g_den, ((0, 0), (0, chunks * rows - ho), (0, 0), (0, 0), (0, 0)))
+
+  def accumulate(chunk, grads):
+    g_rows = jax.lax.dynamic_slice_in_dim(g_den, chunk * rows, rows, 1)
+    w_rows = jax.lax.dynamic_slice_in_dim(padded, chunk * rows * stride, span, 1)
+    return grads + jnp.stack([(g_rows * _shifted(w_rows, i, j, stride, rows, wo)).sum((0, 1, 2))
+                              for i in range(k) for j in range(k)])
+
+  grads = jnp.zeros((k * k,) + g_den.shape[3:], jnp.float32)
+  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape((k, k) + g_den.shape[3:])
 
 
 def _take(x: Array, axis: int, q) -> Array:
@@ -184,8 +203,8 @@ def _aggregate_fast(scores, values, valid, bias, scale, stride):
 
 
 def _fast_input_grads(scores, values, valid, bias, scale, stride, g_out, g):
-  """The fast path's cotangents of the scores and values, and the bias cotangent through the
-  denominator, by the transposes of its two window sums."""
+  """The fast path's cotangents of the scores and values, by the transposes of its two window
+  sums, and the bias cotangent through the denominator."""
   weights, bias_exp = _fast_weights(scores, valid, bias)
   hgt, wid = scores.shape[1:3]
   inv = _inverse(_window_sum(weights, bias_exp, stride))
@@ -197,7 +216,7 @@ def _fast_input_grads(scores, values, valid, bias, scale, stride, g_out, g):
   d_weights = ((d_weighted * values[:, :, :, None]).sum(-1)
                + _window_sum_transpose(g_den, bias_exp, stride, hgt, wid))
   d_values = (d_weighted * weights[..., None]).sum(3)
-  d_bias_den = _window_sum_kernel_grad(g_den, weights, bias_exp.shape, stride) * bias_exp
+  d_bias_den = _den_kernel_grad(g_den, weights, bias.shape[0], stride) * bias_exp
   return d_weights * weights, d_values.astype(jnp.float32), d_bias_den
 
 
@@ -220,9 +239,9 @@ def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
           jnp.zeros(bias.shape, jnp.float32))
   d_scores, d_values, d_bias = jax.lax.fori_loop(0, scores.shape[3], one, init)
   weights, bias_exp = _fast_weights(scores, valid, bias)
+  k = bias.shape[0]
   inv = _inverse(_window_sum(weights, bias_exp, stride))
-  d_num_kernel = _window_sum_kernel_grad(g, values, bias.shape + (1,), stride,
-                                         x_factor=weights, g_factor=inv)[..., 0]
+  d_num_kernel = _window_kernel_grad(g * inv[..., None], weights, values, k, stride)
   return (d_scores, d_values.astype(values.dtype), d_bias + d_num_kernel * scale * bias_exp,
           d_num_kernel * bias_exp)
 
