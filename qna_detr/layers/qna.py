@@ -202,48 +202,45 @@ def _aggregate_fast(scores, values, valid, bias, scale, stride):
   return num * _inverse(den)[..., None], safe
 
 
-def _fast_input_grads(scores, values, valid, bias, scale, stride, g_out, g):
-  """The fast path's cotangents of the scores and values, by the transposes of its two window
-  sums, and the bias cotangent through the denominator."""
-  weights, bias_exp = _fast_weights(scores, valid, bias)
-  hgt, wid = scores.shape[1:3]
-  inv = _inverse(_window_sum(weights, bias_exp, stride))
-  # d loss / d numerator is g * inv[..., None]; it is formed inside its consumer, never
-  # stored. d loss / d denominator:
-  g_den = -g_out * inv
+def _fast_input_grads(weights, bias_exp, inv, values, scale, stride, g_out, g):
+  """The fast path's cotangents of the scores and values (for the queries given), by the
+  transposes of its two window sums."""
+  hgt, wid = weights.shape[1:3]
   d_weighted = _window_sum_transpose(g * inv[..., None], (bias_exp * scale)[..., None], stride,
                                      hgt, wid)
   d_weights = ((d_weighted * values[:, :, :, None]).sum(-1)
-               + _window_sum_transpose(g_den, bias_exp, stride, hgt, wid))
+               + _window_sum_transpose(-g_out * inv, bias_exp, stride, hgt, wid))
   d_values = (d_weighted * weights[..., None]).sum(3)
-  d_bias_den = _den_kernel_grad(g_den, weights, bias.shape[0], stride) * bias_exp
-  return d_weights * weights, d_values.astype(jnp.float32), d_bias_den
+  return d_weights * weights, d_values.astype(jnp.float32)
 
 
 def _fast_grads(scores, values, valid, bias, scale, stride, g_out, g):
   """Cotangents of the fast path.
 
+  The weights and normalizers are recomputed once for all queries (maps of Q * h channels).
   The input cotangents go one query at a time: queries are independent but for their sum
-  into dV, so only one query's [B, H, W, h, d] temporaries are held at a time. The
-  numerator's kernel cotangents (a reduction over every pixel and offset, the costliest part)
-  go for all queries at once, so the values are read once for all of them.
+  into dV, so only one query's [B, H, W, h, d] temporaries are held at a time. The kernel
+  cotangents (reductions over every pixel and offset, the costliest part) go for all queries
+  at once, so the values are read once for all of them.
   """
-  def one(q, carry):
-    d_scores, d_values, d_bias = carry
-    ds, dv, db = _fast_input_grads(_take(scores, 3, q), values, valid, _take(bias, 2, q),
-                                   _take(scale, 2, q), stride, _take(g_out, 3, q),
-                                   _take(g, 3, q))
-    return _put(d_scores, ds, 3, q), d_values + dv, _put(d_bias, db, 2, q)
-
-  init = (jnp.zeros(scores.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32),
-          jnp.zeros(bias.shape, jnp.float32))
-  d_scores, d_values, d_bias = jax.lax.fori_loop(0, scores.shape[3], one, init)
   weights, bias_exp = _fast_weights(scores, valid, bias)
-  k = bias.shape[0]
   inv = _inverse(_window_sum(weights, bias_exp, stride))
+
+  def one(q, carry):
+    d_scores, d_values = carry
+    ds, dv = _fast_input_grads(_take(weights, 3, q), _take(bias_exp, 2, q), _take(inv, 3, q),
+                               values, _take(scale, 2, q), stride, _take(g_out, 3, q),
+                               _take(g, 3, q))
+    return _put(d_scores, ds, 3, q), d_values + dv
+
+  init = (jnp.zeros(scores.shape, jnp.float32), jnp.zeros(values.shape, jnp.float32))
+  d_scores, d_values = jax.lax.fori_loop(0, scores.shape[3], one, init)
+  k = bias.shape[0]
+  # d loss / d numerator is g * inv[..., None]; d loss / d denominator is -g_out * inv.
   d_num_kernel = _window_kernel_grad(g * inv[..., None], weights, values, k, stride)
-  return (d_scores, d_values.astype(values.dtype), d_bias + d_num_kernel * scale * bias_exp,
-          d_num_kernel * bias_exp)
+  d_den_kernel = _den_kernel_grad(-g_out * inv, weights, k, stride)
+  return (d_scores, d_values.astype(values.dtype),
+          (d_num_kernel * scale + d_den_kernel) * bias_exp, d_num_kernel * bias_exp)
 
 
 class _Offsets:
