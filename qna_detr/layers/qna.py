@@ -17,7 +17,7 @@ Both paths have a hand-written backward pass (custom VJP) that, like the forward
 O(HWD) memory whatever k is.
 """
 import functools
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -88,7 +88,46 @@ def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
   return functools.reduce(jnp.add, terms)
 
 
-_KERNEL_GRAD_ROWS = 2  # Output rows per fused pass of `_window_kernel_grad`.
+_KERNEL_GRAD_ROWS = 2  # Output rows per fused pass of `_offset_sums`.
+
+
+def _offset_sums(g: Array, g_axis: int, inputs: Sequence[tuple[Array, int]], k: int,
+                 stride: int, term: Callable[..., Array], shape: tuple[int, ...]) -> Array:
+  """[k, k, *shape]: per offset (i, j), term(g, *inputs shifted by (i, j)) summed over chunks.
+
+  g has its output rows at g_axis and columns next to it; each input has its rows at the axis
+  given with it and columns next, and is 'same'-padded here. A loop over chunks of output rows,
+  each one fused pass over all k^2 offsets: one pass per offset would read the inputs k^2
+  times, and one pass over everything would hold all k^2 products (GBs at k = 7).
+  """
+  p = k // 2
+  ho, wo = g.shape[g_axis:g_axis + 2]
+  rows = _KERNEL_GRAD_ROWS
+  chunks = -(-ho // rows)
+  span = stride * (rows - 1) + k
+  in_rows = stride * (chunks * rows - 1) + k  # Padded input rows that the chunks reach.
+
+  def pad(a, axis):
+    widths = [(0, 0)] * a.ndim
+    widths[axis], widths[axis + 1] = (p, in_rows - a.shape[axis] - p), (p, p)
+    return jnp.pad(a, widths)
+
+  def shifted(a, axis, i, j):  # a[..., i + stride * y, j + stride * x, ...], rows at axis.
+    return a[(slice(None),) * axis + (slice(i, i + stride * (rows - 1) + 1, stride),
+                                      slice(j, j + stride * (wo - 1) + 1, stride))]
+
+  g = jnp.pad(g, [(0, 0)] * g_axis + [(0, chunks * rows - ho)] + [(0, 0)] * (g.ndim - g_axis - 1))
+  padded = [(pad(a, axis), axis) for a, axis in inputs]
+
+  def accumulate(chunk, sums):
+    g_rows = jax.lax.dynamic_slice_in_dim(g, chunk * rows, rows, g_axis)
+    in_chunk = [(jax.lax.dynamic_slice_in_dim(a, chunk * rows * stride, span, axis), axis)
+                for a, axis in padded]
+    return sums + jnp.stack([term(g_rows, *(shifted(a, axis, i, j) for a, axis in in_chunk))
+                             for i in range(k) for j in range(k)])
+
+  sums = jax.lax.fori_loop(0, chunks, accumulate, jnp.zeros((k * k,) + shape, jnp.float32))
+  return sums.reshape((k, k) + shape)
 
 
 def _window_kernel_grad(g: Array, weights: Array, values: Array, k: int,
@@ -100,63 +139,21 @@ def _window_kernel_grad(g: Array, weights: Array, values: Array, k: int,
   The reduction keeps (Q, h) and sums everything else, so the operands are first laid out as
   [Q, h, B, H, W, d]: every reduction then runs over contiguous trailing dims, which XLA's
   CPU backend vectorizes (summing over leading and trailing dims at once is several times
-  slower). A loop over chunks of output rows, each one fused pass over all k^2 offsets: one
-  pass per offset would read the inputs k^2 times, and one pass over everything would hold
-  all k^2 products (GBs at k = 7).
+  slower).
   """
-  p = k // 2
-  ho, wo = g.shape[1:3]
-  rows = _KERNEL_GRAD_ROWS
-  chunks = -(-ho // rows)
-  in_rows = stride * (chunks * rows - 1) + k  # Padded input rows that the chunks reach.
-  span = stride * (rows - 1) + k
+  def term(g_rows, w, v):
+    return (g_rows * (w[..., None] * v[None].astype(jnp.float32))).sum((2, 3, 4, 5))
 
-  def pad(a, axis):  # 'same' padding of the input rows (axis) and columns (axis + 1).
-    widths = [(0, 0)] * a.ndim
-    widths[axis], widths[axis + 1] = (p, in_rows - a.shape[axis] - p), (p, p)
-    return jnp.pad(a, widths)
-
-  gm = jnp.moveaxis(g, (3, 4), (0, 1))  # [Q, h, B, Ho, Wo, d]
-  gm = jnp.pad(gm, [(0, 0)] * 3 + [(0, chunks * rows - ho)] + [(0, 0)] * 2)
-  vm = pad(jnp.moveaxis(values, 3, 0), 2)  # [h, B, H', W', d]
-  fm = pad(jnp.moveaxis(weights, (3, 4), (0, 1)), 3)  # [Q, h, B, H', W']
-
-  def accumulate(chunk, grads):
-    g_rows = jax.lax.dynamic_slice_in_dim(gm, chunk * rows, rows, 3)
-    v_rows = jax.lax.dynamic_slice_in_dim(vm, chunk * rows * stride, span, 2)
-    f_rows = jax.lax.dynamic_slice_in_dim(fm, chunk * rows * stride, span, 3)
-
-    def term(i, j):
-      v = v_rows[:, :, i:i + stride * (rows - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-      f = f_rows[..., i:i + stride * (rows - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
-      return (g_rows * (f[..., None] * v[None].astype(jnp.float32))).sum((2, 3, 4, 5))
-
-    return grads + jnp.stack([term(i, j) for i in range(k) for j in range(k)])
-
-  grads = jnp.zeros((k * k,) + g.shape[3:5], jnp.float32)
-  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape((k, k) + g.shape[3:5])
+  return _offset_sums(jnp.moveaxis(g, (3, 4), (0, 1)), 3,
+                      [(jnp.moveaxis(weights, (3, 4), (0, 1)), 3),
+                       (jnp.moveaxis(values, 3, 0), 2)], k, stride, term, g.shape[3:5])
 
 
 def _den_kernel_grad(g_den: Array, weights: Array, k: int, stride: int) -> Array:
-  """The kernel cotangent [k, k, Q, h] of the denominator's window sum of the weights: maps of
-  h channels only, in chunks of output rows like `_window_kernel_grad`."""
-  p = k // 2
-  ho, wo = g_den.shape[1:3]
-  rows = _KERNEL_GRAD_ROWS
-  chunks = -(-ho // rows)
-  span = stride * (rows - 1) + k
-  padded = jnp.pad(weights, ((0, 0), (p, stride * (chunks * rows - 1) + k - weights.shape[1] - p),
-                             (p, p), (0, 0), (0, 0)))
-  g_den = jnp.pad(g_den, ((0, 0), (0, chunks * rows - ho), (0, 0), (0, 0), (0, 0)))
-
-  def accumulate(chunk, grads):
-    g_rows = jax.lax.dynamic_slice_in_dim(g_den, chunk * rows, rows, 1)
-    w_rows = jax.lax.dynamic_slice_in_dim(padded, chunk * rows * stride, span, 1)
-    return grads + jnp.stack([(g_rows * _shifted(w_rows, i, j, stride, rows, wo)).sum((0, 1, 2))
-                              for i in range(k) for j in range(k)])
-
-  grads = jnp.zeros((k * k,) + g_den.shape[3:], jnp.float32)
-  return jax.lax.fori_loop(0, chunks, accumulate, grads).reshape((k, k) + g_den.shape[3:])
+  """The kernel cotangent [k, k, Q, h] of the denominator's window sum of the weights (maps of
+  Q * h channels only: no layout change needed)."""
+  return _offset_sums(g_den, 1, [(weights, 1)], k, stride,
+                      lambda g_rows, w: (g_rows * w).sum((0, 1, 2)), g_den.shape[3:])
 
 
 def _take(x: Array, axis: int, q) -> Array:
