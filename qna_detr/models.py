@@ -1,4 +1,5 @@
 """Builds the detector named by a config: a registered backbone under the DETR head."""
+import flax.linen as nn
 import jax.numpy as jnp
 import ml_collections
 
@@ -14,14 +15,18 @@ def compute_dtype(name: str) -> jnp.dtype:
   return DTYPES[name]
 
 
+def build_backbone(model_config: ml_collections.ConfigDict) -> nn.Module:
+  """The backbone `model_config` names, in its compute dtype and stochastic depth."""
+  return registry.build_backbone(model_config.backbone, dtype=compute_dtype(model_config.dtype),
+                                 drop_path=model_config.backbone_drop_path)
+
+
 def build_detr(model_config: ml_collections.ConfigDict, num_classes: int) -> DETR:
   """DETR over `model_config.backbone`; the backbone's params live under 'backbone'."""
   m = model_config
-  dtype = compute_dtype(m.dtype)
-  backbone = registry.build_backbone(m.backbone, dtype=dtype, drop_path=m.backbone_drop_path)
-  return DETR(backbone=backbone, num_classes=num_classes, num_queries=m.num_queries,
+  return DETR(backbone=build_backbone(m), num_classes=num_classes, num_queries=m.num_queries,
               hidden_dim=m.hidden_dim, num_heads=m.num_heads,
               num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
-              dim_feedforward=m.dim_feedforward, dropout=m.dropout, dtype=dtype,
+              dim_feedforward=m.dim_feedforward, dropout=m.dropout, dtype=compute_dtype(m.dtype),
               aux_loss=m.aux_loss, position_at_input=m.position_at_input,
               feature_level=m.feature_level)

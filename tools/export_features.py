@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from qna_detr import models
 from qna_detr import parallel
+from qna_detr.backbones import base
 from qna_detr.backbones import registry
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
@@ -96,7 +97,7 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
   _resize_to(config, size)
   backbone = registry.build_backbone(config.model.backbone,
                                      dtype=models.compute_dtype(config.model.dtype))
-  channels = features.backbone_levels(backbone)
+  channels = base.pyramid_levels(backbone)
   levels = _levels(levels, list(channels))
   path, step = _checkpoint_path(workdir, checkpoint)
   source, skipped = image_folder.image_folder(image_dir) if image_dir else (None, [])

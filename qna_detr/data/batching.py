@@ -12,16 +12,17 @@ the padding by about half at COCO sizes (set `bucket_max_rescale = 1` for DETR's
 sizes). Evaluation never rescales.
 
 Multi-host: every process batches its own shard, so two hosts may produce different bucket
-shapes at the same step. The training loop agrees on the step's shape (for example the
-elementwise max over `jax.experimental.multihost_utils.process_allgather` of the local
-shape), pads with `pad_batch`, then builds global arrays with `to_global_arrays`.
+shapes at the same step. `next_global_batch` agrees on the step's shape (the elementwise max
+of the processes' shapes), pads with `pad_batch`, then builds global arrays with
+`to_global_arrays`.
 """
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 import tensorflow as tf
 
@@ -165,3 +166,14 @@ def to_global_arrays(batch: Any, sharding: jax.sharding.Sharding) -> Any:
   `NamedSharding(mesh, PartitionSpec('data'))`.
   """
   return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), batch)
+
+
+def next_global_batch(iterator: Iterator[dict[str, Any]], sharding: jax.sharding.Sharding,
+                      keys: Sequence[str]) -> dict[str, jax.Array]:
+  """The next host batch's `keys`, padded to the shape all processes agree on, as global
+  arrays."""
+  batch = {k: v.numpy() for k, v in next(iterator).items() if k in keys}
+  if jax.process_count() > 1:
+    shapes = multihost_utils.process_allgather(np.asarray(batch['inputs'].shape[1:3]))
+    batch = pad_batch(batch, tuple(int(s) for s in np.max(shapes, axis=0)))
+  return to_global_arrays(batch, sharding)

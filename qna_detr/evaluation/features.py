@@ -26,26 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from qna_detr import parallel
+from qna_detr.backbones import base
 from qna_detr.backbones import pretrained
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 INFO, INDEX = 'export_info.json', 'index.jsonl'
-_PROBE = 128  # Side of the input whose output shapes give the backbone's strides.
-
-
-def _abstract_init(backbone: nn.Module) -> tuple[Any, Any]:
-  """(feature pyramid, parameters) of the backbone as shapes, without computing anything."""
-  images = jax.ShapeDtypeStruct((1, _PROBE, _PROBE, 3), jnp.float32)
-  pyramid, variables = jax.eval_shape(backbone.init_with_output, jax.random.PRNGKey(0), images)
-  return pyramid, variables['params']
-
-
-def backbone_levels(backbone: nn.Module) -> dict[int, int]:
-  """{stride: channels} of the backbone's feature maps, in pyramid order."""
-  return {_PROBE // level.features.shape[1]: level.features.shape[-1]
-          for level in _abstract_init(backbone)[0]}
 
 
 def load_backbone_params(backbone: nn.Module, path: str) -> Any:
@@ -54,7 +41,7 @@ def load_backbone_params(backbone: nn.Module, path: str) -> Any:
   `path`: an orbax step directory of this project (a detector's training checkpoint or a
   classifier's) or one of the authors' released msgpack files, as `pretrained` reads them.
   """
-  abstract = {'backbone': _abstract_init(backbone)[1]}
+  abstract = {'backbone': base.abstract_init(backbone)[1]}
   params, report = pretrained.load_backbone(abstract, path)
   if report.missing or report.unexpected:
     raise ValueError(f'The checkpoint {path} does not hold the parameters of this config\'s '

@@ -11,7 +11,6 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
@@ -26,6 +25,7 @@ from qna_detr.detr import HungarianMatcher, LossWeights
 from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import inference
 from qna_detr.train import checkpoints
+from qna_detr.train import dense_pretraining
 from qna_detr.train import optimizer
 from qna_detr.train import steps
 
@@ -42,6 +42,10 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
                      f'config.model.num_queries={config.model.num_queries}].')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
+  if config.backbone_pretraining.steps > 0 and config.pretrained.path:
+    raise ValueError('config.backbone_pretraining.steps > 0 and config.pretrained.path are both '
+                     'set: the backbone starts either from a checkpoint or from its own dense '
+                     'pretraining; set one.')
   if config.dataset.name == 'toy' and not config.dataset.data_dir:
     config.dataset.data_dir = os.path.join(workdir, 'toy_coco')
   return config
@@ -77,15 +81,6 @@ def abstract_state(config: ml_collections.ConfigDict, model) -> steps.TrainState
   tx, _ = optimizer.build_optimizer(config, epoch_steps=1)
   return jax.eval_shape(lambda key: steps.create_state(model, tx, key, (64, 64)),
                         jax.random.PRNGKey(0))
-
-
-def _next_global_batch(iterator, sharding) -> dict[str, jax.Array]:
-  """The next host batch, padded to the shape all processes agree on, as global arrays."""
-  batch = {k: v.numpy() for k, v in next(iterator).items() if k in steps.BATCH_KEYS}
-  if jax.process_count() > 1:
-    shapes = multihost_utils.process_allgather(np.asarray(batch['inputs'].shape[1:3]))
-    batch = batching.pad_batch(batch, tuple(int(s) for s in np.max(shapes, axis=0)))
-  return batching.to_global_arrays(batch, sharding)
 
 
 def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
@@ -124,10 +119,14 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator=iterator)
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
-  elif config.pretrained.path:
-    params, _ = pretrained.load_backbone(jax.device_get(state.params), config.pretrained.path,
-                                         config.pretrained.format)
-    state = state.replace(params=jax.device_put(params, replicated))
+  else:
+    path = config.pretrained.path
+    if config.backbone_pretraining.steps > 0:
+      path = dense_pretraining.pretrain_backbone(config, train_ds, mesh, workdir, writer)
+    if path:
+      params, _ = pretrained.load_backbone(jax.device_get(state.params), path,
+                                           config.pretrained.format)
+      state = state.replace(params=jax.device_put(params, replicated))
   train_step = jit_train_step(config, model, tx, schedules, mesh)
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
 
@@ -138,7 +137,8 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = train_step(state, _next_global_batch(iterator, batch_sharding))
+        batch = batching.next_global_batch(iterator, batch_sharding, steps.BATCH_KEYS)
+        state, metrics = train_step(state, batch)
       history.append(metrics)
       report(step)
       if step % config.log_every_steps == 0 or step == total_steps:

@@ -1,0 +1,172 @@
+"""Dense pretraining of the backbone on class maps drawn from the training boxes.
+
+The paper's DETR fine-tunes an ImageNet-pretrained QnA-ViT. Where no such checkpoint exists
+(the synthetic toy set, a new backbone variant), this phase is the stand-in: before DETR
+trains, the backbone learns, for every sub-cell of the feature map DETR reads, which classes
+have a box covering that sub-cell's centre (one sigmoid per class), on the same training
+split and input pipeline. Sub-cells finer than the feature stride (`upsample` per side) make
+the features say where inside a cell an object's edges fall, which DETR's box regression
+reads. The result is written as WORKDIR/backbone_pretraining/<steps>, in the format
+`config.pretrained.path` reads, and reused when present.
+"""
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+from clu import metric_writers
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+import orbax.checkpoint as ocp
+
+from qna_detr import models
+from qna_detr import parallel
+from qna_detr.backbones import base
+from qna_detr.data import batching
+from qna_detr.data.pipeline import DetectionDataset
+
+Array = jax.Array
+BATCH_KEYS = ('inputs', 'padding_mask', 'boxes', 'labels', 'box_mask', 'size')
+SUBDIR = 'backbone_pretraining'
+
+
+def box_class_maps(boxes: Array, labels: Array, box_mask: Array, sizes: Array,
+                   grid_shape: tuple[int, int], cell_size: float, num_classes: int) -> Array:
+  """[B, gh, gw, num_classes] float32: 1 where a box of the class contains the cell's centre.
+
+  boxes: [B, N, 4] (cx, cy, w, h) normalized to each image's unpadded `sizes` [B, 2] (h, w);
+  cell (i, j) is the cell_size x cell_size square whose top-left pixel is
+  (i * cell_size, j * cell_size).
+  """
+  sizes = sizes.astype(jnp.float32)
+  rows = (jnp.arange(grid_shape[0]) + 0.5) * cell_size / sizes[:, :1]  # [B, gh], normalized.
+  cols = (jnp.arange(grid_shape[1]) + 0.5) * cell_size / sizes[:, 1:]
+  cx, cy, w, h = jnp.moveaxis(boxes, -1, 0)  # Each [B, N].
+  in_rows = jnp.abs(rows[:, :, None] - cy[:, None]) <= h[:, None] / 2  # [B, gh, N]
+  in_cols = jnp.abs(cols[:, :, None] - cx[:, None]) <= w[:, None] / 2  # [B, gw, N]
+  inside = in_rows[:, :, None] & in_cols[:, None] & box_mask[:, None, None]  # [B, gh, gw, N]
+  hits = jnp.einsum('byxn,bnc->byxc', inside.astype(jnp.float32),
+                    jax.nn.one_hot(labels, num_classes))
+  return jnp.minimum(hits, 1.0)
+
+
+class DenseClassifier(nn.Module):
+  """The backbone and a linear multi-label classifier of every sub-cell of one feature map.
+
+  Returns (logits [B, h * upsample, w * upsample, num_classes], padding mask of the same
+  grid); the backbone's params live under 'backbone', as in the detector.
+  """
+  backbone: nn.Module
+  num_classes: int
+  upsample: int = 4
+  feature_level: int = -1
+
+  @nn.compact
+  def __call__(self, images: Array, padding_mask: Array, *, train: bool) -> tuple[Array, Array]:
+    level = self.backbone(images, padding_mask, train=train)[self.feature_level]
+    u, c = self.upsample, self.num_classes
+    logits = nn.Dense(u * u * c, name='head')(level.features).astype(jnp.float32)
+    b, h, w, _ = logits.shape
+    logits = logits.reshape(b, h, w, u, u, c).transpose(0, 1, 3, 2, 4, 5)  # Depth to space.
+    mask = jnp.repeat(jnp.repeat(level.mask, u, axis=1), u, axis=2)
+    return logits.reshape(b, h * u, w * u, c), mask
+
+
+def make_step(model: DenseClassifier, tx: optax.GradientTransformation,
+              cell_size: float) -> Callable:
+  """(params, opt_state, batch, rng) -> (params, opt_state, metrics) over the global batch."""
+  def loss_fn(params, batch, rng):
+    logits, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                               train=True, rngs={'dropout': rng})
+    targets = box_class_maps(batch['boxes'], batch['labels'], batch['box_mask'], batch['size'],
+                             logits.shape[1:3], cell_size, model.num_classes)
+    valid = (~mask).astype(jnp.float32)
+    count = jnp.maximum(valid.sum(), 1.0)
+    loss = (optax.sigmoid_binary_cross_entropy(logits, targets).mean(-1) * valid).sum() / count
+    exact = ((logits > 0) == (targets > 0.5)).all(-1)
+    return loss, (exact * valid).sum() / count
+
+  def step(params, opt_state, batch, rng):
+    (loss, exact), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, {'loss': loss, 'cells_exact': exact}
+
+  return step
+
+
+def checkpoint_path(workdir: str, config: ml_collections.ConfigDict) -> str:
+  return os.path.join(os.path.abspath(workdir), SUBDIR, str(config.backbone_pretraining.steps))
+
+
+def pretrain_backbone(config: ml_collections.ConfigDict, train_ds: DetectionDataset,
+                      mesh: jax.sharding.Mesh, workdir: str,
+                      writer: metric_writers.MetricWriter) -> str:
+  """Runs the phase unless its checkpoint exists; returns the checkpoint's path.
+
+  Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, upsample),
+  config.model (backbone, dtype, feature_level) and config.rng_seed.
+  """
+  cfg = config.backbone_pretraining
+  path = checkpoint_path(workdir, config)
+  manager = ocp.CheckpointManager(os.path.dirname(path),
+                                  options=ocp.CheckpointManagerOptions(create=True))
+  if cfg.steps in manager.all_steps():
+    manager.close()
+    logging.info('Backbone pretraining: reusing %s', path)
+    return path
+  backbone = models.build_backbone(config.model)
+  stride = list(base.pyramid_levels(backbone))[config.model.feature_level]
+  model = DenseClassifier(backbone, train_ds.num_classes, cfg.upsample,
+                          config.model.feature_level)
+  schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
+  tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
+  init_rng, rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.rng_seed), 1))
+  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+  params = jax.jit(lambda key: _init(model, key, train_ds.bucket_shapes[0]),
+                   out_shardings=replicated)(init_rng)
+  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
+  step_fn = jax.jit(make_step(model, tx, stride / cfg.upsample),
+                    in_shardings=(replicated, replicated, batch_sharding, replicated),
+                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+  logging.info('Backbone pretraining: %d steps of dense class maps at stride %g (%s, '
+               'feature stride %d)', cfg.steps, stride / cfg.upsample, config.model.backbone,
+               stride)
+  params = _run(step_fn, params, opt_state, rng, train_ds, batch_sharding, cfg.steps,
+                schedule, config.log_every_steps, writer, mesh)
+  manager.save(cfg.steps, args=ocp.args.StandardSave({'params': params}))
+  manager.wait_until_finished()
+  manager.close()
+  logging.info('Backbone pretraining: saved %s', path)
+  return path
+
+
+def _init(model: DenseClassifier, key: Array, image_shape: tuple[int, int]) -> Any:
+  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
+  return model.init(key, images, jnp.zeros(images.shape[:3], bool), train=False)['params']
+
+
+def _run(step_fn: Callable, params: Any, opt_state: Any, rng: Array,
+         train_ds: DetectionDataset, batch_sharding: jax.sharding.Sharding, num_steps: int,
+         schedule: Callable, log_every: int, writer: metric_writers.MetricWriter,
+         mesh: jax.sharding.Mesh) -> Any:
+  """The phase's loop, logging loss, exact-cell fraction, lr, speed and ETA."""
+  iterator = iter(train_ds.tf_dataset)
+  history, start = [], time.time()
+  with jax.set_mesh(mesh):
+    for step in range(1, num_steps + 1):
+      batch = batching.next_global_batch(iterator, batch_sharding, BATCH_KEYS)
+      params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(rng, step))
+      history.append(metrics)
+      if step % log_every == 0 or step == num_steps:
+        scalars = {k: float(jnp.mean(jnp.stack([m[k] for m in history]))) for k in history[0]}
+        history = []
+        rate = step / (time.time() - start)
+        logging.info('Backbone pretraining step %d/%d: loss %.4f, cells exact %.3f, lr %.2e, '
+                     '%.1f steps/s, ETA %.0fs', step, num_steps, scalars['loss'],
+                     scalars['cells_exact'], float(schedule(step)), rate,
+                     (num_steps - step) / rate)
+        writer.write_scalars(step, {f'backbone_pretraining/{k}': v for k, v in scalars.items()})
+  return params

@@ -1,0 +1,131 @@
+"""Dense class-map pretraining: its targets, its output layout, and the phase in the loop."""
+from clu import metric_writers
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from qna_detr import models
+from qna_detr import parallel
+from qna_detr.backbones import pretrained
+from qna_detr.backbones.base import FeatureMap
+from qna_detr.train import dense_pretraining
+from qna_detr.train import loop
+import train_testing
+
+
+def _maps_by_loop(boxes, labels, box_mask, sizes, grid, cell, num_classes):
+  """Per cell and box, in pixels: is the cell's centre inside the box?"""
+  out = np.zeros((len(boxes), *grid, num_classes), np.float32)
+  for b in range(len(boxes)):
+    height, width = sizes[b]
+    for n in np.nonzero(box_mask[b])[0]:
+      cx, cy, w, h = boxes[b, n] * [width, height, width, height]
+      for i in range(grid[0]):
+        for j in range(grid[1]):
+          y, x = (i + 0.5) * cell, (j + 0.5) * cell
+          if cy - h / 2 <= y <= cy + h / 2 and cx - w / 2 <= x <= cx + w / 2:
+            out[b, i, j, labels[b, n]] = 1.0
+  return out
+
+
+def test_box_class_maps_match_a_per_cell_loop():
+  rng = np.random.default_rng(0)
+  batch, boxes_per_image, classes, grid, cell = 3, 5, 4, (9, 12), 4.0
+  centres = rng.uniform(0.1, 0.9, (batch, boxes_per_image, 2))
+  extents = rng.uniform(0.05, 0.6, (batch, boxes_per_image, 2))
+  boxes = np.concatenate([centres, extents], -1).astype(np.float32)
+  labels = rng.integers(0, classes, (batch, boxes_per_image)).astype(np.int32)
+  box_mask = rng.uniform(size=(batch, boxes_per_image)) < 0.7
+  sizes = np.array([[36, 48], [30, 41], [36, 29]], np.int32)  # Unpadded (h, w) per image.
+  got = dense_pretraining.box_class_maps(jnp.asarray(boxes), jnp.asarray(labels),
+                                         jnp.asarray(box_mask), jnp.asarray(sizes), grid, cell,
+                                         classes)
+  want = _maps_by_loop(boxes, labels, box_mask, sizes, grid, cell, classes)
+  assert want.sum() > 20 and (want == 0).sum() > 20  # Both kinds of cells are tested.
+  np.testing.assert_array_equal(np.asarray(got), want)
+
+
+class _GivenFeatures(nn.Module):
+  """A stand-in backbone: returns the images themselves as its one feature map."""
+
+  @nn.compact
+  def __call__(self, images, padding_mask, train=False):
+    return [FeatureMap(images, padding_mask)]
+
+
+def test_classifier_puts_each_sub_cell_where_it_belongs():
+  upsample, classes = 2, 3
+  features = np.random.default_rng(1).normal(size=(2, 3, 4, upsample * upsample * classes))
+  mask = np.zeros(features.shape[:3], bool)
+  mask[1, 2:, :] = True
+  model = dense_pretraining.DenseClassifier(_GivenFeatures(), classes, upsample)
+  params = {'head': {'kernel': jnp.eye(features.shape[-1]),  # Logits = features.
+                     'bias': jnp.zeros(features.shape[-1])}}
+  logits, out_mask = model.apply({'params': params}, jnp.asarray(features, jnp.float32),
+                                 jnp.asarray(mask), train=False)
+  assert logits.shape == (2, 3 * upsample, 4 * upsample, classes)
+  for b, i, j, a, c in np.ndindex(2, 3, 4, upsample, upsample):
+    # Sub-cell (a, c) of cell (i, j) reads channels [(a * upsample + c) * classes, ...).
+    first = (a * upsample + c) * classes
+    np.testing.assert_allclose(logits[b, i * upsample + a, j * upsample + c],
+                               features[b, i, j, first:first + classes], rtol=1e-6)
+    assert out_mask[b, i * upsample + a, j * upsample + c] == mask[b, i, j]
+
+
+def _dense_losses(config, params, batch) -> tuple[float, float]:
+  """Mean BCE over real sub-cells of (params, the best constant guess: each class's rate)."""
+  model = dense_pretraining.DenseClassifier(models.build_backbone(config.model), 5,
+                                            config.backbone_pretraining.upsample)
+  logits, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                             train=False)
+  targets = dense_pretraining.box_class_maps(batch['boxes'], batch['labels'], batch['box_mask'],
+                                             batch['size'], logits.shape[1:3], 4.0, 5)
+  valid = np.asarray(~mask, np.float32)[..., None]
+  rate = (np.asarray(targets) * valid).sum((0, 1, 2)) / valid.sum()
+
+  def bce(p):
+    p = np.clip(np.asarray(p, np.float64), 1e-7, 1 - 1e-7)
+    per_cell = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(-1, keepdims=True)
+    return float((per_cell * valid).sum() / valid.sum())
+
+  return bce(jax.nn.sigmoid(logits)), bce(np.broadcast_to(rate, targets.shape))
+
+
+def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  config.backbone_pretraining.update(dict(steps=200, warmup_steps=10))
+  config = loop.resolve_config(config, str(tmp_path))
+  train_ds, _ = loop.build_datasets(config)
+  mesh = parallel.data_mesh()
+  path = dense_pretraining.pretrain_backbone(config, train_ds, mesh, str(tmp_path),
+                                             metric_writers.LoggingWriter())
+  assert path == str(tmp_path / 'backbone_pretraining' / '200')
+
+  iterator = iter(train_ds.tf_dataset)
+  losses = [_dense_losses(config, pretrained.read_checkpoint(path),
+                          {k: jnp.asarray(v.numpy()) for k, v in next(iterator).items()
+                           if k in dense_pretraining.BATCH_KEYS}) for _ in range(3)]
+  loss, constant_guess = np.mean(losses, axis=0)
+  assert loss < 0.75 * constant_guess, losses  # It reads the images.
+
+  detector = jax.eval_shape(lambda: models.build_detr(config.model, 5).init(
+      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool),
+      train=False)['params'])
+  _, report = pretrained.load_backbone(detector, path)
+  assert report.matched and not report.missing and not report.unexpected
+
+  # A second call finds the checkpoint and trains nothing.
+  mtime = (tmp_path / 'backbone_pretraining' / '200').stat().st_mtime_ns
+  assert dense_pretraining.pretrain_backbone(config, train_ds, mesh, str(tmp_path),
+                                             metric_writers.LoggingWriter()) == path
+  assert (tmp_path / 'backbone_pretraining' / '200').stat().st_mtime_ns == mtime
+
+
+def test_pretraining_and_a_pretrained_path_are_exclusive(tmp_path):
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  config.backbone_pretraining.steps = 10
+  config.pretrained.path = str(tmp_path / 'ckpt')
+  with pytest.raises(ValueError, match=r'config\.backbone_pretraining\.steps'):
+    loop.resolve_config(config, str(tmp_path))
