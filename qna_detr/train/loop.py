@@ -46,6 +46,10 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
     raise ValueError('config.backbone_pretraining.steps > 0 and config.pretrained.path are both '
                      'set: the backbone starts either from a checkpoint or from its own dense '
                      'pretraining; set one.')
+  pretraining = config.backbone_pretraining
+  if pretraining.steps > 0 and not 0 <= pretraining.warmup_steps < pretraining.steps:
+    raise ValueError(f'config.backbone_pretraining.warmup_steps={pretraining.warmup_steps} must '
+                     f'be in [0, config.backbone_pretraining.steps={pretraining.steps}).')
   if config.dataset.name == 'toy' and not config.dataset.data_dir:
     config.dataset.data_dir = os.path.join(workdir, 'toy_coco')
   return config

@@ -123,9 +123,13 @@ def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
   assert (tmp_path / 'backbone_pretraining' / '200').stat().st_mtime_ns == mtime
 
 
-def test_pretraining_and_a_pretrained_path_are_exclusive(tmp_path):
+@pytest.mark.parametrize('overrides,key', [
+    (dict(steps=10, warmup_steps=5, path='ckpt'), 'config.pretrained.path'),
+    (dict(steps=10, warmup_steps=10), 'config.backbone_pretraining.warmup_steps'),
+])
+def test_bad_pretraining_config_names_the_key(tmp_path, overrides, key):
   config = train_testing.micro_config(str(tmp_path / 'data'))
-  config.backbone_pretraining.steps = 10
-  config.pretrained.path = str(tmp_path / 'ckpt')
-  with pytest.raises(ValueError, match=r'config\.backbone_pretraining\.steps'):
+  config.pretrained.path = overrides.pop('path', '')
+  config.backbone_pretraining.update(overrides)
+  with pytest.raises(ValueError, match=key.replace('.', r'\.')):
     loop.resolve_config(config, str(tmp_path))
