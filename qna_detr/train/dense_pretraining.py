@@ -27,6 +27,7 @@ from qna_detr import parallel
 from qna_detr.backbones import base
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
+from qna_detr.train import steps
 
 Array = jax.Array
 BATCH_KEYS = ('inputs', 'padding_mask', 'boxes', 'labels', 'box_mask', 'size')
@@ -77,7 +78,8 @@ class DenseClassifier(nn.Module):
 
 def make_step(model: DenseClassifier, tx: optax.GradientTransformation,
               cell_size: float) -> Callable:
-  """(params, opt_state, batch, rng) -> (params, opt_state, metrics) over the global batch."""
+  """(params, opt_state, batch, rng, step) -> (params, opt_state, metrics) over the global
+  batch; the step number is folded into rng for dropout and drop path."""
   def loss_fn(params, batch, rng):
     logits, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
                                train=True, rngs={'dropout': rng})
@@ -89,8 +91,9 @@ def make_step(model: DenseClassifier, tx: optax.GradientTransformation,
     exact = ((logits > 0) == (targets > 0.5)).all(-1)
     return loss, (exact * valid).sum() / count
 
-  def step(params, opt_state, batch, rng):
-    (loss, exact), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch, rng)
+  def step(params, opt_state, batch, rng, step_number):
+    (loss, exact), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        params, batch, jax.random.fold_in(rng, step_number))
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, {'loss': loss, 'cells_exact': exact}
 
@@ -129,7 +132,7 @@ def pretrain_backbone(config: ml_collections.ConfigDict, train_ds: DetectionData
                    out_shardings=replicated)(init_rng)
   opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
   step_fn = jax.jit(make_step(model, tx, stride / cfg.upsample),
-                    in_shardings=(replicated, replicated, batch_sharding, replicated),
+                    in_shardings=(replicated, replicated, batch_sharding, replicated, replicated),
                     out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
   logging.info('Backbone pretraining: %d steps of dense class maps at stride %g (%s, '
                'feature stride %d)', cfg.steps, stride / cfg.upsample, config.model.backbone,
@@ -158,10 +161,10 @@ def _run(step_fn: Callable, params: Any, opt_state: Any, rng: Array,
   with jax.set_mesh(mesh):
     for step in range(1, num_steps + 1):
       batch = batching.next_global_batch(iterator, batch_sharding, BATCH_KEYS)
-      params, opt_state, metrics = step_fn(params, opt_state, batch, jax.random.fold_in(rng, step))
+      params, opt_state, metrics = step_fn(params, opt_state, batch, rng, step)
       history.append(metrics)
       if step % log_every == 0 or step == num_steps:
-        scalars = {k: float(jnp.mean(jnp.stack([m[k] for m in history]))) for k in history[0]}
+        scalars = steps.mean_metrics(history)
         history = []
         rate = step / (time.time() - start)
         logging.info('Backbone pretraining step %d/%d: loss %.4f, cells exact %.3f, lr %.2e, '

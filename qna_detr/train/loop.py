@@ -11,9 +11,7 @@ from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
 from qna_detr import models
 from qna_detr import parallel
@@ -42,11 +40,11 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
                      f'config.model.num_queries={config.model.num_queries}].')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
-  if config.backbone_pretraining.steps > 0 and config.pretrained.path:
+  pretraining = config.backbone_pretraining
+  if pretraining.steps > 0 and config.pretrained.path:
     raise ValueError('config.backbone_pretraining.steps > 0 and config.pretrained.path are both '
                      'set: the backbone starts either from a checkpoint or from its own dense '
                      'pretraining; set one.')
-  pretraining = config.backbone_pretraining
   if pretraining.steps > 0 and not 0 <= pretraining.warmup_steps < pretraining.steps:
     raise ValueError(f'config.backbone_pretraining.warmup_steps={pretraining.warmup_steps} must '
                      f'be in [0, config.backbone_pretraining.steps={pretraining.steps}).')
@@ -91,11 +89,6 @@ def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
   detections = inference.predict_dataset(predict_fn, params, dataset, mesh)
   metrics, per_category, summary = coco_eval.evaluate(dataset.coco_ground_truth(), detections)
   return metrics, per_category, summary, detections
-
-
-def _mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
-  return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
 def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
@@ -146,7 +139,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
       history.append(metrics)
       report(step)
       if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = _mean_metrics(history)
+        scalars = steps.mean_metrics(history)
         seconds = (time.time() - last_log[1]) / (step - last_log[0])
         scalars.update(step_time_s=seconds, images_per_s=config.batch_size / seconds)
         writer.write_scalars(step, scalars)

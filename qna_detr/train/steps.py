@@ -5,6 +5,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from qna_detr.detr import LossWeights, set_criterion
@@ -52,3 +53,9 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher:
     return new_state, metrics
 
   return train_step
+
+
+def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
+  """Host means of the metrics of several steps (one device transfer for all of them)."""
+  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
+  return {k: float(np.mean(v)) for k, v in stacked.items()}
