@@ -19,6 +19,7 @@ import pytest
 
 from qna_detr.data import pipeline
 from qna_detr.data import toy
+from qna_detr.utils import host_memory
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), 'qna_detr_test_xla_cache')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)  # Inherited by subprocesses.
@@ -27,6 +28,11 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+# Faster CPU steps, as in training (qna_detr.utils.host_memory); glibc reads the same
+# settings from the environment in the subprocesses that tests start.
+host_memory.keep_freed_memory_on_cpu()
+os.environ.setdefault('MALLOC_MMAP_MAX_', '0')
+os.environ.setdefault('MALLOC_TRIM_THRESHOLD_', str(2**31 - 1))
 
 REAL_JSON = os.path.join(os.path.dirname(__file__), 'data', 'testdata',
                          'coco_val2017_2images.json')

@@ -23,6 +23,7 @@ from qna_detr.data import batching
 from qna_detr.train import loop
 from qna_detr.train import optimizer
 from qna_detr.train import steps
+from qna_detr.utils import host_memory
 from qna_detr.utils import xla_stats
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -100,6 +101,7 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
 
 def main(argv):
   del argv
+  host_memory.keep_freed_memory_on_cpu()  # As training does.
   config = _CONFIG.value
   result = benchmark(config, _image_shape(config), _NUM_CLASSES.value, _STEPS.value,
                      _WARMUP.value)

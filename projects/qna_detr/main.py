@@ -11,10 +11,12 @@ import ml_collections
 
 from qna_detr import scenic
 from qna_detr.train import loop
+from qna_detr.utils import host_memory
 
 
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
          writer: metric_writers.MetricWriter) -> None:
+  host_memory.keep_freed_memory_on_cpu()  # About 1.5x faster steps on CPUs.
   loop.train_and_evaluate(rng, config, workdir, writer)
 
 
