@@ -67,5 +67,5 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config.eval_top_k = 20
   config.log_every_steps = 20
   config.checkpoint_every_steps = 500
-  config.eval_every_epochs = 25.5
+  config.eval_every_epochs = 26.0  # Halfway, in whole steps (25.5 epochs added an eval at 3212).
   return config

@@ -2,9 +2,13 @@
 
 XLA's CPU runtime allocates and frees its large temporary buffers on every step. glibc serves
 allocations above its mmap threshold with fresh mappings and unmaps them on free, so every
-step faults in (and zero-fills) its working set page by page again: on the toy config a third
-of the CPU time went to the kernel. Keeping freed memory in the heap lets the next step reuse
+step faults in (and zero-fills) its working set page by page again: over a quarter of the toy
+run's CPU time went to the kernel. Keeping freed memory in the heap lets the next step reuse
 it; the process then holds its peak footprint instead of returning it between steps.
+
+Blocks larger than a per-thread arena's heap (64 MiB) are still mapped when a worker thread's
+arena serves them (as in the toy run's DETR phase, after the backbone pretraining); one arena
+for all threads (MALLOC_ARENA_MAX=1) avoids that, but its lock made the steps slower still.
 """
 import ctypes
 import ctypes.util
