@@ -12,7 +12,8 @@ import resource, sys
 import numpy as np
 if sys.argv[1] == 'keep':
   from qna_detr.utils import host_memory
-  assert host_memory.keep_freed_memory_on_cpu()
+  if not host_memory.keep_freed_memory_on_cpu():
+    sys.exit(print('unsupported'))
 faults = []
 for cycle in range(5):
   before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -28,6 +29,8 @@ def _faults(mode: str) -> int:
   env = {k: v for k, v in os.environ.items() if not k.startswith('MALLOC_')}  # conftest's.
   out = subprocess.run([sys.executable, '-c', _SCRIPT, mode], check=True, capture_output=True,
                        text=True, env=env)
+  if out.stdout.split()[-1] == 'unsupported':
+    pytest.skip('no glibc mallopt here')
   return int(out.stdout.split()[-1])
 
 
