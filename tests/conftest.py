@@ -31,8 +31,8 @@ jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
 # Faster CPU steps, as in training (qna_detr.utils.host_memory); glibc reads the same
 # settings from the environment in the subprocesses that tests start.
 host_memory.keep_freed_memory_on_cpu()
-os.environ.setdefault('MALLOC_MMAP_MAX_', '0')
-os.environ.setdefault('MALLOC_TRIM_THRESHOLD_', str(2**31 - 1))
+for _name, _value in host_memory.ENVIRONMENT.items():
+  os.environ.setdefault(_name, _value)
 
 REAL_JSON = os.path.join(os.path.dirname(__file__), 'data', 'testdata',
                          'coco_val2017_2images.json')

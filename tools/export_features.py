@@ -28,7 +28,6 @@ from ml_collections import config_flags
 from qna_detr import models
 from qna_detr import parallel
 from qna_detr.backbones import base
-from qna_detr.backbones import registry
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
 from qna_detr.evaluation import features
@@ -95,8 +94,7 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
   start = time.time()
   config = loop.resolve_config(config, workdir)
   _resize_to(config, size)
-  backbone = registry.build_backbone(config.model.backbone,
-                                     dtype=models.compute_dtype(config.model.dtype))
+  backbone = models.build_backbone(config.model)
   channels = base.pyramid_levels(backbone)
   levels = _levels(levels, list(channels))
   path, step = _checkpoint_path(workdir, checkpoint)

@@ -7,7 +7,7 @@ run's CPU time went to the kernel. Keeping freed memory in the heap lets the nex
 it; the process then holds its peak footprint instead of returning it between steps.
 
 Blocks larger than a per-thread arena's heap (64 MiB) are still mapped when a worker thread's
-arena serves them (as in the toy run's DETR phase, after the backbone pretraining); one arena
+arena serves them (seen in a toy run's DETR phase after the backbone pretraining); one arena
 for all threads (MALLOC_ARENA_MAX=1) avoids that, but its lock made the steps slower still.
 """
 import ctypes
@@ -21,6 +21,9 @@ import jax
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _INT_MAX = 2**31 - 1
+# The same settings as glibc reads them from the environment at a process's start (for
+# subprocesses, which the call below cannot reach).
+ENVIRONMENT = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(_INT_MAX)}
 
 
 @functools.cache
