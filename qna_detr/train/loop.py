@@ -72,7 +72,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
   """The train step, jitted for a replicated state and a batch split over `mesh`."""
   replicated = parallel.replicated(mesh)
   step = steps.make_train_step(model, tx, build_matcher(config), LossWeights(**config.loss),
-                               schedules)
+                               schedules, config.optimizer.freeze_backbone)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 

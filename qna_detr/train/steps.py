@@ -9,6 +9,7 @@ import numpy as np
 import optax
 
 from qna_detr.detr import LossWeights, set_criterion
+from qna_detr.train.optimizer import BACKBONE
 
 TARGET_KEYS = ('boxes', 'labels', 'box_mask')
 BATCH_KEYS = ('inputs', 'padding_mask') + TARGET_KEYS  # All a train step reads.
@@ -33,13 +34,20 @@ def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Ar
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher: Callable,
-                    weights: LossWeights, schedules: dict[str, Callable]) -> Callable:
-  """(state, batch) -> (state, metrics) over the global batch; jit it with shardings."""
+                    weights: LossWeights, schedules: dict[str, Callable],
+                    freeze_backbone: bool = False) -> Callable:
+  """(state, batch) -> (state, metrics) over the global batch; jit it with shardings.
+
+  With freeze_backbone the backbone's parameters are constants of the loss, so no backward
+  pass runs through the backbone (its gradients are zeros and its optimizer ignores them).
+  """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
     targets = {k: batch[k] for k in TARGET_KEYS}
 
     def loss_fn(params):
+      if freeze_backbone:
+        params = {**params, BACKBONE: jax.lax.stop_gradient(params[BACKBONE])}
       outputs = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
                             train=True, rngs={'dropout': rng})
       return set_criterion(outputs, targets, matcher, weights)
