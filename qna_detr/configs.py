@@ -18,7 +18,6 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
       position_at_input=True,  # See detr.model.DETR: QnA-ViT's features hold no position.
       feature_level=-1,  # The backbone level the transformer reads (-1: the last).
-      num_query_groups=1,  # > 1: Group DETR training (see detr.model.DETR); inference as 1.
       dtype='float32'))
   config.matcher = ml_collections.ConfigDict(dict(
       cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))

@@ -29,4 +29,4 @@ def build_detr(model_config: ml_collections.ConfigDict, num_classes: int) -> DET
               num_encoder_layers=m.num_encoder_layers, num_decoder_layers=m.num_decoder_layers,
               dim_feedforward=m.dim_feedforward, dropout=m.dropout, dtype=compute_dtype(m.dtype),
               aux_loss=m.aux_loss, position_at_input=m.position_at_input,
-              feature_level=m.feature_level, num_query_groups=m.num_query_groups)
+              feature_level=m.feature_level)

@@ -66,19 +66,6 @@ def layer_losses(outputs: Mapping[str, jax.Array], targets: Mapping[str, jax.Arr
   }
 
 
-def split_query_groups(outputs: Mapping, targets: Mapping[str, jax.Array], num_groups: int
-                       ) -> tuple[dict, dict[str, jax.Array]]:
-  """Group DETR's training view of G * Q predictions per image: each group of Q as an image
-  of its own with the same targets, so that set_criterion matches every group one-to-one and
-  averages the groups' losses."""
-  def split(layer):
-    return {k: layer[k].reshape(-1, layer[k].shape[1] // num_groups, *layer[k].shape[2:])
-            for k in ('pred_logits', 'pred_boxes')}
-
-  grouped = {**split(outputs), 'aux_outputs': [split(a) for a in outputs.get('aux_outputs', [])]}
-  return grouped, {k: jnp.repeat(v, num_groups, axis=0) for k, v in targets.items()}
-
-
 def set_criterion(outputs: Mapping, targets: Mapping[str, jax.Array], matcher: Matcher,
                   weights: LossWeights = LossWeights()) -> tuple[jax.Array, dict[str, jax.Array]]:
   """DETR's training loss over the final and auxiliary decoder outputs.

@@ -49,11 +49,6 @@ class DETR(nn.Module):
       a backbone that masks its padding (as QnA-ViT does) does not.
     feature_level: the backbone feature map the transformer reads (an index into the
       pyramid; -1 = the last, DETR's choice).
-    num_query_groups: Group DETR (Chen et al. 2023): in training, G groups of `num_queries`
-      queries decode side by side, each attending only to itself, and each is matched
-      one-to-one to the targets (`losses.split_query_groups`): G times the matched queries
-      per step, for faster training. Inference runs the first group alone, so the detector
-      is a plain DETR.
   """
   backbone: nn.Module
   num_classes: int
@@ -68,7 +63,6 @@ class DETR(nn.Module):
   aux_loss: bool = True
   position_at_input: bool = True
   feature_level: int = -1
-  num_query_groups: int = 1
 
   @nn.compact
   def __call__(self, images: jax.Array, padding_mask: jax.Array, *, train: bool) -> Outputs:
@@ -82,13 +76,10 @@ class DETR(nn.Module):
     Returns:
       `{'pred_logits': [B, Q, C + 1] f32, 'pred_boxes': [B, Q, 4] f32 normalized (cx, cy, w, h)
       relative to each image's unpadded extent, 'aux_outputs': [the same two-key dict for
-      decoder layers 1..L-1]}`; 'aux_outputs' is empty without `aux_loss`. In training with
-      G query groups there are G * Q predictions per image, group by group.
+      decoder layers 1..L-1]}`; 'aux_outputs' is empty without `aux_loss`.
     """
     if self.num_classes < 1:
       raise ValueError(f'num_classes must be >= 1, got {self.num_classes}')
-    if self.num_query_groups < 1:
-      raise ValueError(f'num_query_groups must be >= 1, got {self.num_query_groups}')
     if self.hidden_dim % 4:
       raise ValueError(f'hidden_dim must be a multiple of 4 (sin/cos pairs for each axis of the '
                        f'position encoding), got {self.hidden_dim}')
@@ -104,12 +95,7 @@ class DETR(nn.Module):
     if self.position_at_input:
       src = src + pos.astype(src.dtype)
     query_embed = self.param('query_embed', nn.initializers.normal(1.0),
-                             (self.num_queries, self.hidden_dim))[None]
-    if self.num_query_groups > 1:
-      extra = self.param('group_query_embed', nn.initializers.normal(1.0),
-                         (self.num_query_groups - 1, self.num_queries, self.hidden_dim))
-      if train:
-        query_embed = jnp.concatenate([query_embed, extra])
+                             (self.num_queries, self.hidden_dim))
     transformer = Transformer(
         d_model=self.hidden_dim, num_heads=self.num_heads,
         num_encoder_layers=self.num_encoder_layers, num_decoder_layers=self.num_decoder_layers,
@@ -117,7 +103,6 @@ class DETR(nn.Module):
         name='transformer')
     tokens = lambda x: x.reshape(batch, height * width, *x.shape[3:])
     hidden = transformer(tokens(src), tokens(mask), tokens(pos), query_embed, train=train)
-    hidden = hidden.reshape(hidden.shape[0], batch, -1, self.hidden_dim)  # Groups side by side.
     if not self.aux_loss:
       hidden = hidden[-1:]
 

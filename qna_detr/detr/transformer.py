@@ -132,13 +132,11 @@ class Transformer(nn.Module):
       src: `[B, S, d_model]` image tokens.
       padding_mask: `[B, S]` bool, True for padded tokens (never attended to).
       pos: `[B, S, d_model]` position encodings of the tokens.
-      query_pos: `[Q, d_model]` learned object-query embeddings, or `[G, Q, d_model]`: G
-        groups that the decoder runs independently (each attends to its own queries only).
+      query_pos: `[Q, d_model]` learned object-query embeddings.
       train: enables dropout (needs the 'dropout' rng).
 
     Returns:
-      `[L, B * G, Q, d_model]` (G = 1 for `[Q, d_model]` queries): the normalized output of every
-      decoder layer, the last one last; image b's group g is row b * G + g.
+      `[L, B, Q, d_model]`: the normalized output of every decoder layer, the last one last.
     """
     if self.d_model % self.num_heads:
       raise ValueError(f'num_heads={self.num_heads} must divide d_model={self.d_model}')
@@ -151,13 +149,7 @@ class Transformer(nn.Module):
     for i in range(self.num_encoder_layers):
       memory = EncoderLayer(**sizes, name=f'encoder_{i}')(memory, pos, padding_mask, train=train)
 
-    query_pos = query_pos.reshape(-1, *query_pos.shape[-2:]).astype(self.dtype)  # [G, Q, d]
-    groups, num_queries, _ = query_pos.shape
-    if groups > 1:  # Each group decodes as its own copy of the image.
-      memory, pos, padding_mask = (jnp.repeat(x, groups, axis=0)
-                                   for x in (memory, pos, padding_mask))
-    query_pos = jnp.broadcast_to(query_pos, (src.shape[0], *query_pos.shape)).reshape(
-        -1, num_queries, self.d_model)
+    query_pos = jnp.broadcast_to(query_pos.astype(self.dtype), (src.shape[0], *query_pos.shape))
     tgt = jnp.zeros_like(query_pos)
     final_norm = nn.LayerNorm(epsilon=_LN_EPS, dtype=self.dtype, name='decoder_norm')
     outputs = []

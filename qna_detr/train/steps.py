@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qna_detr.detr import LossWeights, set_criterion, split_query_groups
+from qna_detr.detr import LossWeights, set_criterion
 from qna_detr.train.optimizer import BACKBONE
 
 TARGET_KEYS = ('boxes', 'labels', 'box_mask')
@@ -43,15 +43,13 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher:
   """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
+    targets = {k: batch[k] for k in TARGET_KEYS}
 
     def loss_fn(params):
-      targets = {k: batch[k] for k in TARGET_KEYS}
       if freeze_backbone:
         params = {**params, BACKBONE: jax.lax.stop_gradient(params[BACKBONE])}
       outputs = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
                             train=True, rngs={'dropout': rng})
-      if model.num_query_groups > 1:
-        outputs, targets = split_query_groups(outputs, targets, model.num_query_groups)
       return set_criterion(outputs, targets, matcher, weights)
 
     (loss, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

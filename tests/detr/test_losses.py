@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.detr.losses import LossWeights, set_criterion, split_query_groups
+from qna_detr.detr.losses import LossWeights, set_criterion
 from qna_detr.detr.matcher import SOLVERS, HungarianMatcher
 
 NO_OBJECT = 3  # 3 classes + no-object
@@ -81,21 +81,6 @@ def test_losses_match_hand_computation(solver):
   expected_total = sum(value * {'ce': 1, 'bbox': 5, 'giou': 2}[name.split('_')[1]]
                        for name, value in expected.items())
   np.testing.assert_allclose(total, expected_total, rtol=1e-5)
-
-
-def test_query_groups_are_matched_each_on_its_own_and_averaged():
-  """Two groups of two queries per image (FINAL's and AUX's predictions side by side): each
-  group matches the targets one-to-one as if it were alone. Each group matches 3 queries, so
-  the weighted class loss and the box losses are the means of the groups' losses."""
-  grouped = {k: np.concatenate([FINAL[k], AUX[k]], axis=1) for k in FINAL}
-  outputs, targets = split_query_groups({**grouped, 'aux_outputs': [grouped]}, TARGETS, 2)
-  _, components = set_criterion(outputs, targets, HungarianMatcher())
-  groups = [reference_losses(FINAL['pred_logits'], FINAL['pred_boxes'], TARGETS, FINAL_MATCH, 3),
-            reference_losses(AUX['pred_logits'], AUX['pred_boxes'], TARGETS, AUX_MATCH, 3)]
-  for name in groups[0]:
-    expected = (groups[0][name] + groups[1][name]) / 2
-    np.testing.assert_allclose(components[name], expected, rtol=1e-5, err_msg=name)
-    np.testing.assert_allclose(components[name + '_0'], expected, rtol=1e-5, err_msg=name)
 
 
 def test_weights_are_configurable():

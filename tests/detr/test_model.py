@@ -235,32 +235,3 @@ def test_feature_level_picks_the_backbone_map(level, channels):
                feature_level=level)
   variables = init(model, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16), bool))
   assert variables['params']['input_proj']['kernel'].shape == (channels, 16)
-
-
-def test_query_groups_decode_independently_and_inference_uses_the_first():
-  """Reference: a one-group DETR with the same weights and group g's queries, per group."""
-  groups = 3
-  model = tiny_detr(num_query_groups=groups, dropout=0.0)
-  images = jax.random.normal(jax.random.key(1), (2, 24, 32, 3))
-  mask = jnp.zeros((2, 24, 32), bool).at[1, :, 20:].set(True)
-  params = init(model, images, mask)['params']
-  assert params['group_query_embed'].shape == (groups - 1, 5, 16)
-  train_out = jit_apply(model)({'params': params}, images, mask, train=True)
-  assert train_out['pred_logits'].shape == (2, groups * 5, 4)
-
-  single = tiny_detr(dropout=0.0)
-  queries = jnp.concatenate([params['query_embed'][None], params['group_query_embed']])
-  shared = {k: v for k, v in params.items() if k != 'group_query_embed'}
-  for g in range(groups):
-    out = jit_apply(single)({'params': {**shared, 'query_embed': queries[g]}}, images, mask,
-                            train=True)
-    for key in ('pred_logits', 'pred_boxes'):
-      np.testing.assert_allclose(train_out[key][:, 5 * g:5 * (g + 1)], out[key], rtol=1e-5,
-                                 atol=1e-5)
-      np.testing.assert_allclose(train_out['aux_outputs'][0][key][:, 5 * g:5 * (g + 1)],
-                                 out['aux_outputs'][0][key], rtol=1e-5, atol=1e-5)
-    if g == 0:
-      first = out
-  inference = jit_apply(model)({'params': params}, images, mask, train=False)
-  for key in ('pred_logits', 'pred_boxes'):
-    np.testing.assert_allclose(inference[key], first[key], rtol=1e-5, atol=1e-5)
