@@ -57,15 +57,17 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
       eval_bucket_shapes=((image_size, image_size),)))
   config.model.update(dict(num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=2,
                            num_decoder_layers=2, dim_feedforward=512, dropout=0.0))
-  # 500 pretraining steps and 51 epochs (3213 steps) keep the README's main command within 15
-  # minutes on a 2-core CPU with a minute to spare (56 epochs took 15m15s).
-  config.backbone_pretraining.steps = 500  # There is no ImageNet checkpoint for the toy set.
-  config.optimizer.update(dict(lr=2e-4, backbone_lr=2e-4, decay_epochs=(42,)))
+  # The backbone pretrains for 500 steps (there is no ImageNet checkpoint for the toy set),
+  # then stays frozen: DETR's gradient barely changes it (AP 0.040 frozen against 0.042
+  # trained, after 1500 steps), and without its backward pass a step is 3.8x faster, which
+  # buys 140 epochs instead of 51 within the README's 15 minutes on a 2-core CPU.
+  config.backbone_pretraining.steps = 500
+  config.optimizer.update(dict(lr=2e-4, decay_epochs=(115,), freeze_backbone=True))
   config.batch_size = 16
   config.eval_batch_size = 16
-  config.num_epochs = 51
+  config.num_epochs = 140
   config.eval_top_k = 20
   config.log_every_steps = 20
-  config.checkpoint_every_steps = 500
-  config.eval_every_epochs = 26.0  # Halfway, in whole steps (25.5 epochs added an eval at 3212).
+  config.checkpoint_every_steps = 1000  # About a minute of training.
+  config.eval_every_epochs = 70.0  # Halfway.
   return config

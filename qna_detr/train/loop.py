@@ -106,6 +106,8 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   logging.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
                'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
                config.batch_size, epoch_steps, jax.device_count())
+  if config.optimizer.freeze_backbone:
+    logging.info('Backbone frozen: the train step runs no backward pass through it')
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
