@@ -1,7 +1,7 @@
 """The embedded default: DETR with a nano QnA-ViT on the synthetic shapes set, on a CPU.
 
 The dataset is generated into WORKDIR/toy_coco on first use, and the backbone is pretrained on
-it (WORKDIR/backbone_pretraining) before DETR trains.
+it (WORKDIR/backbone_pretraining) before DETR trains on top of it, frozen.
 """
 from qna_detr import configs
 
