@@ -30,17 +30,18 @@ def setup(tmp_path_factory):
       'box_mask': jnp.asarray([[True, True], [True, False]]),
   }
   matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy')
-  return model, batch, matcher
+  state = steps.create_state(model, optax.sgd(1.0), jax.random.PRNGKey(0), (64, 64))
+  return model, batch, matcher, state
 
 
-def _step(model, matcher, freeze, tx=None):
-  tx = tx or optax.sgd(1.0)
-  return steps.make_train_step(model, tx, matcher, LossWeights(), {}, freeze_backbone=freeze)
+def _step(model, matcher, freeze):
+  """The train step with plain SGD at lr 1: the update is minus the gradient."""
+  return steps.make_train_step(model, optax.sgd(1.0), matcher, LossWeights(), {},
+                               freeze_backbone=freeze)
 
 
 def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
-  model, batch, matcher = setup
-  state = steps.create_state(model, optax.sgd(1.0), jax.random.PRNGKey(0), (64, 64))
+  model, batch, matcher, state = setup
   new_state, _ = jax.jit(_step(model, matcher, freeze=True))(state, batch)
 
   # Reference: the loss as a function of the head alone, the backbone closed over.
@@ -56,7 +57,7 @@ def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
 
   head_grads = jax.grad(head_loss)(head)
   scale = max(np.abs(g).max() for g in jax.tree.leaves(head_grads))
-  for name, grads in head_grads.items():  # SGD with lr 1: the update is minus the gradient.
+  for name, grads in head_grads.items():
     update = jax.tree.map(lambda new, old: new - old, new_state.params[name], head[name])
     for u, g in zip(jax.tree.leaves(update), jax.tree.leaves(grads), strict=True):
       np.testing.assert_allclose(u, -g, rtol=1e-4, atol=1e-5 * scale)
@@ -69,8 +70,7 @@ def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
 def test_frozen_step_skips_the_backbone_backward(setup):
   """XLA's own FLOP count: the backbone's backward costs more than its forward, so dropping
   it must remove well over a third of a full step's work."""
-  model, batch, matcher = setup
-  state = steps.create_state(model, optax.sgd(1.0), jax.random.PRNGKey(0), (64, 64))
+  model, batch, matcher, state = setup
   flops = {}
   for freeze in (False, True):
     compiled = jax.jit(_step(model, matcher, freeze)).lower(state, batch).compile()
