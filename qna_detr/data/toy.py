@@ -132,10 +132,11 @@ def render_image(rng: np.random.Generator, height: int,
 
 
 def write_split(output_dir: str, split: str, sizes: Sequence[tuple[int, int]], seed: int,
-                first_image_id: int = 1) -> str:
+                first_image_id: int = 1, params: dict | None = None) -> str:
   """Renders one image per (height, width) in `sizes` into a COCO folder split.
 
-  Returns the path of the written annotation file (see `paths`).
+  `params` (the arguments that made the dataset) go into the file's 'info', where
+  `ensure_toy_coco` checks them. Returns the path of the written annotation file (see `paths`).
   """
   split_paths = {k[len(split) + 1:]: v for k, v in paths(output_dir).items()
                  if k.startswith(split + '_')}
@@ -154,7 +155,8 @@ def write_split(output_dir: str, split: str, sizes: Sequence[tuple[int, int]], s
       annotations.append({'id': len(annotations) + 1, 'image_id': image_id, 'iscrowd': 0,
                           'segmentation': [], **obj})
   data = {
-      'info': {'description': f'Synthetic shapes ({split}), seed {seed}'},
+      'info': {'description': f'Synthetic shapes ({split}), seed {seed}',
+               'toy_params': params or {}},
       'images': images,
       'annotations': annotations,
       'categories': [{'id': i + 1, 'name': name, 'supercategory': 'shape'}
@@ -179,8 +181,10 @@ def make_toy_coco(output_dir: str, *, num_train: int, num_val: int, image_size: 
   """Writes the toy dataset (train and val splits) to output_dir; returns `paths`."""
   if image_size < 32:
     raise ValueError(f'image_size must be at least 32, got {image_size}')
+  params = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
   for split, count, first_id in (('train', num_train, 1), ('val', num_val, num_train + 1)):
-    write_split(output_dir, split, toy_sizes(count, image_size, seed, split), seed, first_id)
+    write_split(output_dir, split, toy_sizes(count, image_size, seed, split), seed, first_id,
+                params)
   return paths(output_dir)
 
 
@@ -189,10 +193,13 @@ def ensure_toy_coco(data_dir: str, *, num_train: int, num_val: int, image_size: 
   """Makes the toy dataset in data_dir unless it is there; returns `paths`.
 
   Writes to a temporary sibling directory, then renames it, so that concurrent processes
-  (several hosts, parallel tests) never read a half-written dataset.
+  (several hosts, parallel tests) never read a half-written dataset. A dataset already there
+  must have been made with the same arguments: a ValueError says which differ.
   """
   out = paths(data_dir)
+  params = dict(num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
   if all(os.path.exists(out[f'{s}_json']) for s in SPLITS):
+    _check_params(out['train_json'], params)
     return out
   parent = os.path.dirname(os.path.abspath(data_dir))
   os.makedirs(parent, exist_ok=True)
@@ -206,3 +213,19 @@ def ensure_toy_coco(data_dir: str, *, num_train: int, num_val: int, image_size: 
   finally:
     shutil.rmtree(tmp, ignore_errors=True)
   return out
+
+
+def _check_params(train_json: str, params: dict[str, int]) -> None:
+  """Raises if the dataset of `train_json` was made with other arguments than `params`."""
+  with open(train_json) as f:
+    made_with = json.load(f).get('info', {}).get('toy_params', {})
+  differ = {k: (made_with.get(k), v) for k, v in params.items() if made_with.get(k) != v}
+  if not differ:
+    return
+  folder = os.path.dirname(os.path.dirname(train_json))
+  wanted = ', '.join(f'{k}={new}' for k, (_, new) in differ.items())
+  made = (', '.join(f'{k}={old}' for k, (old, _) in differ.items()) if made_with
+          else 'arguments it does not record (an older version made it)')
+  raise ValueError(f'The toy dataset in {folder} was made with {made}, but config.dataset.toy '
+                   f'asks for {wanted}: delete that folder to make the new one, or set '
+                   f'config.dataset.data_dir elsewhere.')

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
@@ -85,7 +86,22 @@ def test_same_seed_same_dataset_and_tool_matches_library(tmp_path):
 def test_ensure_makes_once(tmp_path):
   out = toy.ensure_toy_coco(str(tmp_path / 'd'), num_train=2, num_val=1, image_size=32, seed=0)
   stamp = os.path.getmtime(out['train_json'])
-  again = toy.ensure_toy_coco(str(tmp_path / 'd'), num_train=5, num_val=5, image_size=32, seed=0)
+  again = toy.ensure_toy_coco(str(tmp_path / 'd'), num_train=2, num_val=1, image_size=32, seed=0)
   assert again == out and os.path.getmtime(out['train_json']) == stamp
   assert len(_load(out['train_json'])['images']) == 2
   assert [p for p in os.listdir(tmp_path) if p.startswith('.toy_coco_')] == []
+
+
+def test_ensure_refuses_a_dataset_made_with_other_arguments(tmp_path):
+  folder = str(tmp_path / 'd')
+  out = toy.ensure_toy_coco(folder, num_train=2, num_val=1, image_size=32, seed=0)
+  with pytest.raises(ValueError, match=r'made with num_train=2, seed=0, .*asks for num_train=5, '
+                                       r'seed=1: delete'):
+    toy.ensure_toy_coco(folder, num_train=5, num_val=1, image_size=32, seed=1)
+  data = _load(out['train_json'])
+  del data['info']['toy_params']  # As an older version wrote it.
+  with open(out['train_json'], 'w') as f:
+    json.dump(data, f)
+  with pytest.raises(ValueError, match='does not record'):
+    toy.ensure_toy_coco(folder, num_train=2, num_val=1, image_size=32, seed=0)
+  assert len(_load(out['train_json'])['images']) == 2  # Nothing was deleted.
