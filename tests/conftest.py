@@ -9,6 +9,7 @@ on it.
 import copy
 import json
 import os
+import sys
 import tempfile
 
 import jax
@@ -20,6 +21,9 @@ import pytest
 from qna_detr.data import pipeline
 from qna_detr.data import toy
 from qna_detr.utils import host_memory
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'train'))
+import train_testing  # noqa: E402  pylint: disable=g-import-not-at-top
 
 CACHE_DIR = os.path.join(tempfile.gettempdir(), 'qna_detr_test_xla_cache')
 os.environ.setdefault('JAX_COMPILATION_CACHE_DIR', CACHE_DIR)  # Inherited by subprocesses.
@@ -36,7 +40,7 @@ for _name, _value in host_memory.ENVIRONMENT.items():
 
 REAL_JSON = os.path.join(os.path.dirname(__file__), 'data', 'testdata',
                          'coco_val2017_2images.json')
-TOY_IMAGE_SIZE = 64
+TOY_IMAGE_SIZE = train_testing.TOY_SET['image_size']
 
 
 def _write_images(data: dict, image_dir: str, colour=(128, 64, 32)) -> None:
@@ -99,13 +103,14 @@ def real_folder(tmp_path, real_data) -> tuple[str, str]:
 @pytest.fixture(scope='session')
 def toy_dir(tmp_path_factory) -> str:
   path = str(tmp_path_factory.mktemp('toy') / 'toy')
-  toy.make_toy_coco(path, num_train=24, num_val=10, image_size=TOY_IMAGE_SIZE, seed=0)
+  toy.make_toy_coco(path, **train_testing.TOY_SET)
   return path
 
 
 @pytest.fixture
 def toy_config(toy_dir) -> ml_collections.ConfigDict:
   cfg = pipeline.toy_config(toy_dir, image_size=TOY_IMAGE_SIZE)
+  cfg.toy.update(train_testing.TOY_SET)
   cfg.bucket_sample_size = 300
   return ml_collections.ConfigDict({'dataset': cfg})
 
