@@ -205,7 +205,7 @@ def ensure_toy_coco(data_dir: str, *, num_train: int, num_val: int, image_size: 
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix='.toy_coco_', dir=parent)
   try:
-    make_toy_coco(tmp, num_train=num_train, num_val=num_val, image_size=image_size, seed=seed)
+    make_toy_coco(tmp, **params)
     os.rename(tmp, data_dir)
   except OSError as e:
     if not all(os.path.exists(out[f'{s}_json']) for s in SPLITS):
