@@ -23,8 +23,8 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy'))
   config.loss = ml_collections.ConfigDict(dict(ce=1.0, bbox=5.0, giou=2.0, no_object=0.1))
   config.optimizer = ml_collections.ConfigDict(dict(
-      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=(50,),
-      decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
+      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, schedule='step',
+      decay_epochs=(50,), decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet QnA-ViT checkpoint for the backbone ('' = train from scratch).
       format='auto'))  # 'auto', 'qna_detr' or 'authors' (the released QnA-ViT checkpoints).
@@ -32,6 +32,8 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   # checkpoint (see train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
       steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4, upsample=4))
+  # > 0: evaluation reads a moving average of the parameters with this decay per step.
+  config.ema_decay = 0.0
   config.batch_size = 32  # Global, over all devices and processes.
   config.eval_batch_size = 32
   config.num_epochs = 75

@@ -71,7 +71,7 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
   config = loop.resolve_config(config, '/tmp')
   mesh = parallel.data_mesh(jax.local_devices())
   model = models.build_detr(config.model, num_classes)
-  tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000)
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000, total_steps=75_000)
   state = jax.jit(lambda key: steps.create_state(model, tx, key, shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
   batch = batching.to_global_arrays(

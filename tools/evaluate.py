@@ -46,7 +46,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str
   logging.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
                dataset.num_examples)
   mesh = parallel.data_mesh()
-  params = jax.device_put(state.params, parallel.replicated(mesh))
+  params = jax.device_put(state.eval_params, parallel.replicated(mesh))
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
   detections = inference.predict_dataset(predict_fn, params, dataset, mesh)
   metrics, per_category, summary = coco_eval.evaluate(dataset.coco_ground_truth(), detections)

@@ -121,7 +121,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
                  query=capture.check_query(chosen, query), threshold=threshold,
                  min_side=min_side)
   step_dir = checkpoints.find(workdir, checkpoint)
-  params = checkpoints.restore_state(step_dir, abstract).params
+  params = checkpoints.restore_state(step_dir, abstract).eval_params
   logging.info('Drawing %s with %s (layer %s)', kinds, step_dir, chosen.name)
   os.makedirs(output, exist_ok=True)
   names = None

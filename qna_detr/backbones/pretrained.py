@@ -110,7 +110,7 @@ def read_checkpoint(path: str) -> Tree:
   else:
     with open(path, 'rb') as f:
       tree = serialization.msgpack_restore(f.read())
-  return tree.get('params', tree)
+  return tree.get('ema_params') or tree.get('params', tree)  # A training run's average first.
 
 
 def backbone_params_from(tree: Tree, fmt: str) -> tuple[Tree, list[str]]:

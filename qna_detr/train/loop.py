@@ -72,7 +72,7 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
   """The train step, jitted for a replicated state and a batch split over `mesh`."""
   replicated = parallel.replicated(mesh)
   step = steps.make_train_step(model, tx, build_matcher(config), LossWeights(**config.loss),
-                               schedules, config.optimizer.freeze_backbone)
+                               schedules, config.optimizer.freeze_backbone, config.ema_decay)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
@@ -80,9 +80,10 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
 def abstract_state(config: ml_collections.ConfigDict, model) -> steps.TrainState:
   """The train state's shapes and dtypes, computed without running: what a checkpoint of
   this config restores into (`checkpoints.restore_state`)."""
-  tx, _ = optimizer.build_optimizer(config, epoch_steps=1)
-  return jax.eval_shape(lambda key: steps.create_state(model, tx, key, (64, 64)),
-                        jax.random.PRNGKey(0))
+  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1)
+  return jax.eval_shape(
+      lambda key: steps.create_state(model, tx, key, (64, 64), config.ema_decay > 0),
+      jax.random.PRNGKey(0))
 
 
 def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
@@ -102,7 +103,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   total_steps = config.num_train_steps if config.num_train_steps > 0 else (
       config.num_epochs * epoch_steps)
   eval_every = max(1, round(config.eval_every_epochs * epoch_steps))
-  tx, schedules = optimizer.build_optimizer(config, epoch_steps)
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps, total_steps)
   logging.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
                'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
                config.batch_size, epoch_steps, jax.device_count())
@@ -111,7 +112,8 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
-  state = jax.jit(lambda key: steps.create_state(model, tx, key, train_ds.bucket_shapes[0]),
+  state = jax.jit(lambda key: steps.create_state(model, tx, key, train_ds.bucket_shapes[0],
+                                                 config.ema_decay > 0),
                   out_shardings=replicated)(rng)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
   iterator = iter(train_ds.tf_dataset)
@@ -125,7 +127,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
     if path:
       params, _ = pretrained.load_backbone(jax.device_get(state.params), path,
                                            config.pretrained.format)
-      state = state.replace(params=jax.device_put(params, replicated))
+      state = state.with_params(jax.device_put(params, replicated))
   train_step = jit_train_step(config, model, tx, schedules, mesh)
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
 
@@ -149,12 +151,13 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
       if step % config.checkpoint_every_steps == 0 or step == total_steps:
         checkpointer.save(step, state, iterator)
       if step % eval_every == 0 and step != total_steps:
-        metrics, _, summary, _ = evaluate(predict_fn, state.params, val_ds, mesh)
+        metrics, _, summary, _ = evaluate(predict_fn, state.eval_params, val_ds, mesh)
         logging.info('step %d validation:\n%s', step, summary)
         writer.write_scalars(step, {f'val/{k}': v for k, v in metrics.items()})
   checkpointer.close()
 
-  metrics, per_category, summary, detections = evaluate(predict_fn, state.params, val_ds, mesh)
+  metrics, per_category, summary, detections = evaluate(predict_fn, state.eval_params, val_ds,
+                                                        mesh)
   writer.write_scalars(total_steps, {f'val/{k}': v for k, v in metrics.items()})
   writer.flush()
   if jax.process_index() == 0:

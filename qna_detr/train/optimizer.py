@@ -1,5 +1,8 @@
 """AdamW with separate backbone and head learning rates, and DETR's step schedule.
 
+A cosine decay to zero over the whole run is the alternative schedule, for short runs where
+the head never reaches the plateau a step drop is meant for.
+
 Parameters are split by their top-level key: everything under 'backbone' is the backbone group
 (pretrained features, trained 10x slower), the rest is the head. Gradients are clipped by their
 global norm over both groups together, as DETR does.
@@ -13,6 +16,7 @@ import ml_collections
 import optax
 
 BACKBONE, HEAD = 'backbone', 'head'
+SCHEDULES = ('step', 'cosine')
 Schedule = Callable[[Any], Any]
 
 
@@ -38,6 +42,14 @@ def step_schedule(base_lr: float, epoch_steps: int, decay_epochs: Sequence[int],
   return lambda step: steps(step) * jnp.minimum(1.0, step / warmup_steps)
 
 
+def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0) -> Schedule:
+  """base_lr after the same linear warmup as `step_schedule`, then a cosine decay that
+  reaches zero at total_steps."""
+  if warmup_steps <= 0:
+    return optax.cosine_decay_schedule(base_lr, total_steps)
+  return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, total_steps)
+
+
 def param_labels(params: Any) -> Any:
   """The group of every parameter leaf: 'backbone' under the top-level 'backbone' key."""
   def label(path, _):
@@ -45,17 +57,22 @@ def param_labels(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int
+def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_steps: int
                     ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
   """The optimizer and the learning-rate schedule of each group (for logging).
 
-  Reads config.optimizer: lr, backbone_lr, weight_decay, grad_clip_norm, decay_epochs,
-  decay_factor, warmup_steps, freeze_backbone.
+  Reads config.optimizer: lr, backbone_lr, weight_decay, grad_clip_norm, schedule ('step':
+  decay_epochs and decay_factor; 'cosine'), warmup_steps, freeze_backbone.
   """
   opt = config.optimizer
-  schedules = {
-      group: step_schedule(lr, epoch_steps, opt.decay_epochs, opt.decay_factor, opt.warmup_steps)
-      for group, lr in ((HEAD, opt.lr), (BACKBONE, opt.backbone_lr))}
+  if opt.schedule not in SCHEDULES:
+    raise ValueError(f'config.optimizer.schedule must be one of {SCHEDULES}, got '
+                     f'{opt.schedule!r}')
+  def schedule(lr):
+    if opt.schedule == 'cosine':
+      return cosine_schedule(lr, total_steps, opt.warmup_steps)
+    return step_schedule(lr, epoch_steps, opt.decay_epochs, opt.decay_factor, opt.warmup_steps)
+  schedules = {group: schedule(lr) for group, lr in ((HEAD, opt.lr), (BACKBONE, opt.backbone_lr))}
   if opt.freeze_backbone:
     schedules[BACKBONE] = optax.constant_schedule(0.0)
   transforms = {group: optax.adamw(schedule, weight_decay=opt.weight_decay)

@@ -118,3 +118,19 @@ def test_wrong_variant_and_missing_file_are_named(tmp_path):
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   with pytest.raises(ValueError, match='stem/kernel'):
     pretrained.merge_into(_backbone_params(), wide)
+
+
+def test_training_checkpoint_gives_its_moving_average(tmp_path):
+  """A training run's checkpoint with a moving average: the average is what loads."""
+  params = _backbone_params()
+  average = jax.tree.map(lambda x: x + 2.0, params)
+  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
+  manager.save(3, args=ocp.args.StandardSave({'params': {'backbone': params},
+                                              'ema_params': {'backbone': average}}))
+  manager.wait_until_finished()
+  manager.close()
+  loaded, report = pretrained.load_backbone({'backbone': _backbone_params()},
+                                            str(tmp_path / 'checkpoints' / '3'))
+  assert not report.missing and not report.unexpected
+  np.testing.assert_allclose(loaded['backbone']['stage1_qna1']['mixer']['Wk'],
+                             average['stage1_qna1']['mixer']['Wk'])

@@ -29,7 +29,7 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
     config = loop.resolve_config(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
     train_ds, _ = loop.build_datasets(config)
     model = models.build_detr(config.model, train_ds.num_classes)
-    tx, schedules = optimizer.build_optimizer(config, epoch_steps=10)
+    tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=100)
     batch = next(iter(train_ds))
     results = []
     for devices in (jax.devices()[:1], jax.devices()):

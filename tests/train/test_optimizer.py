@@ -10,8 +10,8 @@ from qna_detr.train import optimizer
 
 def _config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
-      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, decay_epochs=[50],
-      decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
+      lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, schedule='step',
+      decay_epochs=[50], decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
   cfg.update(overrides)
   return ml_collections.ConfigDict({'optimizer': cfg})
 
@@ -33,7 +33,8 @@ def _grads(params, seed=0):
 @pytest.mark.parametrize('freeze', [False, True])
 def test_each_group_moves_by_its_own_learning_rate(freeze):
   """Adam's first step is lr * g / (|g| + eps) = lr * sign(g), whatever clipping did to g."""
-  tx, _ = optimizer.build_optimizer(_config(freeze_backbone=freeze), epoch_steps=10)
+  tx, _ = optimizer.build_optimizer(_config(freeze_backbone=freeze), epoch_steps=10,
+                                    total_steps=100)
   params = _params()
   grads = _grads(params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -50,7 +51,7 @@ def test_each_group_moves_by_its_own_learning_rate(freeze):
 def test_schedule_drops_tenfold_after_epoch_50():
   epoch_steps = optimizer.steps_per_epoch(num_examples=118_287, global_batch_size=32)
   assert epoch_steps == 3697  # ceil(118287 / 32)
-  _, schedules = optimizer.build_optimizer(_config(), epoch_steps)
+  _, schedules = optimizer.build_optimizer(_config(), epoch_steps, 75 * epoch_steps)
   drop = 50 * epoch_steps
   for group, lr in (('head', 1e-4), ('backbone', 1e-5)):
     values = [float(schedules[group](s)) for s in (0, drop - 1, drop, drop + 1, 75 * epoch_steps)]
@@ -62,6 +63,27 @@ def test_warmup_is_linear_then_joins_the_steps():
                                      decay_factor=0.1, warmup_steps=10)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 199, 200)],
                              [0.0, 5e-5, 1e-4, 1e-4, 1e-5], rtol=1e-6, atol=1e-12)
+
+
+@pytest.mark.parametrize('warmup', [0, 10])
+def test_cosine_falls_from_each_groups_lr_to_zero(warmup):
+  """Hand values: a linear ramp over the warmup w, then base * (1 + cos(pi * t)) / 2 with t
+  going from 0 at the warmup's end to 1 at the last step."""
+  _, schedules = optimizer.build_optimizer(_config(schedule='cosine', warmup_steps=warmup),
+                                           epoch_steps=10, total_steps=100)
+  for group, lr in (('head', 1e-4), ('backbone', 1e-5)):
+    def expected(s):
+      if s < warmup:
+        return lr * s / warmup
+      return lr * (1 + np.cos(np.pi * (s - warmup) / (100 - warmup))) / 2
+    steps = (0, 5, warmup, 50, 75, 100)
+    np.testing.assert_allclose([float(schedules[group](s)) for s in steps],
+                               [expected(s) for s in steps], rtol=1e-5, atol=1e-12)
+
+
+def test_unknown_schedule_is_named():
+  with pytest.raises(ValueError, match='config.optimizer.schedule'):
+    optimizer.build_optimizer(_config(schedule='linear'), epoch_steps=10, total_steps=100)
 
 
 def test_bad_sizes_are_named():

@@ -17,10 +17,12 @@ def _run(config, workdir):
 
 
 def _params_at(workdir, step):
-  """The parameters stored by the checkpoint of `step`, read back through orbax."""
+  """The parameters and their moving average stored by the checkpoint of `step`, read back
+  through orbax."""
   manager = ocp.CheckpointManager(str(workdir / 'checkpoints'))
   try:
-    return manager.restore(step)['params']
+    stored = manager.restore(step)
+    return {'params': stored['params'], 'ema_params': stored['ema_params']}
   finally:
     manager.close()
 
@@ -28,6 +30,7 @@ def _params_at(workdir, step):
 def test_resumed_run_equals_uninterrupted_run(tmp_path):
   data = str(tmp_path / 'data')
   config = train_testing.micro_config(data, steps=4)
+  config.ema_decay = 0.9  # The average is part of the state that must resume.
   metrics = _run(config, tmp_path / 'straight')
   assert set(metrics) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                           'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'}
@@ -35,6 +38,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
   assert written == pytest.approx(metrics)
 
   half = train_testing.micro_config(data, steps=2)
+  half.ema_decay = config.ema_decay
   _run(half, tmp_path / 'resumed')  # Stops after step 2 (checkpointed).
   _run(config, tmp_path / 'resumed')  # Picks up at step 2, runs to 4.
   straight = jax.tree.leaves(_params_at(tmp_path / 'straight', 4))

@@ -76,3 +76,43 @@ def test_frozen_step_skips_the_backbone_backward(setup):
     compiled = jax.jit(_step(model, matcher, freeze)).lower(state, batch).compile()
     flops[freeze] = compiled.cost_analysis()['flops']
   assert flops[True] < 0.6 * flops[False], flops
+
+
+def test_moving_average_follows_its_recurrence(setup):
+  """Against a numpy recurrence over the parameters the steps produced: after step t (from
+  0), avg = d * avg + (1 - d) * params with d = min(decay, (1 + t) / (10 + t))."""
+  model, batch, matcher, _ = setup
+  tx = optax.sgd(0.05)
+  state = steps.create_state(model, tx, jax.random.PRNGKey(0), (64, 64), ema=True)
+  step = jax.jit(steps.make_train_step(model, tx, matcher, LossWeights(), {}, ema_decay=0.5))
+  average = jax.tree.map(np.asarray, state.params)
+  for t in range(4):
+    state, _ = step(state, batch)
+    decay = min(0.5, (1 + t) / (10 + t))
+    average = jax.tree.map(lambda a, p, d=decay: d * a + (1 - d) * np.asarray(p), average,
+                           state.params)
+  for got, want, now in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(average),
+                            jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  # The average lags the parameters, so the comparison above is not of the parameters.
+  assert any(not np.allclose(a, p) for a, p in zip(jax.tree.leaves(state.eval_params),
+                                                   jax.tree.leaves(state.params)))
+
+
+def test_new_weights_restart_the_average(setup):
+  """Pretrained weights replace the parameters and the average alike, as separate buffers:
+  the train step donates both (one buffer donated twice is an error)."""
+  model, batch, matcher, _ = setup
+  tx = optax.sgd(0.05)
+  state = steps.create_state(model, tx, jax.random.PRNGKey(0), (64, 64), ema=True)
+  loaded = jax.tree.map(lambda p: p + 1.0, state.params)
+  state = state.with_params(loaded)
+  loaded = jax.tree.map(np.array, loaded)  # Host copies: the step donates the device buffers.
+  step = jax.jit(steps.make_train_step(model, tx, matcher, LossWeights(), {}, ema_decay=0.5),
+                 donate_argnums=0)
+  state, _ = step(state, batch)
+  decay = 0.1  # min(0.5, (1 + 0) / (10 + 0)) at the first step.
+  for got, start, now in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(loaded),
+                             jax.tree.leaves(state.params), strict=True):
+    np.testing.assert_allclose(got, decay * start + (1 - decay) * np.asarray(now),
+                               rtol=1e-5, atol=1e-6)
