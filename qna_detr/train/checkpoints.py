@@ -5,6 +5,7 @@ its data iterator to WORKDIR/data_state/<step>/process_<i> with tf.train.Checkpo
 resumed run reads exactly the batches an uninterrupted run would have read, without replaying
 the input pipeline.
 """
+import dataclasses
 import os
 import shutil
 from typing import Any, Optional
@@ -97,7 +98,9 @@ def _restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: 
   try:
     state = manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
   except (ValueError, KeyError, TypeError) as e:
-    raise _mismatch(step_dir, str(e)[:2000]) from e
+    state = _restore_without_empty_fields(manager, step, abstract_state)
+    if state is None:
+      raise _mismatch(step_dir, str(e)[:2000]) from e
   # Orbax restores arrays with the stored shapes whatever the target's: compare them here.
   stored = jax.tree_util.tree_leaves_with_path(state)
   wanted = jax.tree_util.tree_leaves(abstract_state)
@@ -106,6 +109,21 @@ def _restore_checked(manager: ocp.CheckpointManager, step: int, abstract_state: 
   if different:
     raise _mismatch(step_dir, f'{len(different)} shapes differ: ' + '; '.join(different[:5]))
   return state
+
+
+def _restore_without_empty_fields(manager: ocp.CheckpointManager, step: int,
+                                  abstract_state: Any) -> Optional[Any]:
+  """A state dataclass restored from a checkpoint that lacks its None fields (one written
+  before the field existed, e.g. a run without a moving average), or None if that fails."""
+  if not dataclasses.is_dataclass(abstract_state):
+    return None
+  present = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)
+             if getattr(abstract_state, f.name) is not None}
+  try:
+    restored = manager.restore(step, args=ocp.args.StandardRestore(present))
+  except (ValueError, KeyError, TypeError):
+    return None
+  return abstract_state.replace(**restored)
 
 
 def _mismatch(step_dir: str, details: str) -> ValueError:
