@@ -38,6 +38,8 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if not 1 <= config.eval_top_k <= config.model.num_queries:
     raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
                      f'config.model.num_queries={config.model.num_queries}].')
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0: no average).')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
   pretraining = config.backbone_pretraining

@@ -1,7 +1,6 @@
 """AdamW with separate backbone and head learning rates, and DETR's step schedule.
 
-A cosine decay to zero over the whole run is the alternative schedule, for short runs where
-the head never reaches the plateau a step drop is meant for.
+The alternative schedule (config.optimizer.schedule='cosine') decays to zero over the run.
 
 Parameters are split by their top-level key: everything under 'backbone' is the backbone group
 (pretrained features, trained 10x slower), the rest is the head. Gradients are clipped by their

@@ -54,6 +54,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     ('model.backbone', 'qna_vit_huge', 'config.model.backbone'),
     ('model.dtype', 'float8', 'config.model.dtype'),
     ('eval_top_k', 50, 'config.eval_top_k'),
+    ('ema_decay', 1.0, 'config.ema_decay'),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, message):
   config = train_testing.micro_config(str(tmp_path / 'data'))
