@@ -22,7 +22,6 @@ from qna_detr import parallel
 from qna_detr.data import batching
 from qna_detr.train import loop
 from qna_detr.train import optimizer
-from qna_detr.train import steps
 from qna_detr.utils import host_memory
 from qna_detr.utils import xla_stats
 
@@ -72,7 +71,7 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
   mesh = parallel.data_mesh(jax.local_devices())
   model = models.build_detr(config.model, num_classes)
   tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000, total_steps=75_000)
-  state = jax.jit(lambda key: steps.create_state(model, tx, key, shape),
+  state = jax.jit(lambda key: loop.create_state(config, model, tx, key, shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
   batch = batching.to_global_arrays(
       synthetic_batch(config.batch_size, shape, num_classes, config.dataset.max_boxes),

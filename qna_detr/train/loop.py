@@ -79,13 +79,18 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
+def create_state(config: ml_collections.ConfigDict, model, tx, key: jax.Array,
+                 image_shape: tuple[int, int]) -> steps.TrainState:
+  """The initial train state of this config (with a moving average if it keeps one)."""
+  return steps.create_state(model, tx, key, image_shape, ema=config.ema_decay > 0)
+
+
 def abstract_state(config: ml_collections.ConfigDict, model) -> steps.TrainState:
   """The train state's shapes and dtypes, computed without running: what a checkpoint of
   this config restores into (`checkpoints.restore_state`)."""
   tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1)
-  return jax.eval_shape(
-      lambda key: steps.create_state(model, tx, key, (64, 64), config.ema_decay > 0),
-      jax.random.PRNGKey(0))
+  return jax.eval_shape(lambda key: create_state(config, model, tx, key, (64, 64)),
+                        jax.random.PRNGKey(0))
 
 
 def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
@@ -114,8 +119,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
 
   replicated = parallel.replicated(mesh)
   batch_sharding = parallel.batch_sharding(mesh)
-  state = jax.jit(lambda key: steps.create_state(model, tx, key, train_ds.bucket_shapes[0],
-                                                 config.ema_decay > 0),
+  state = jax.jit(lambda key: create_state(config, model, tx, key, train_ds.bucket_shapes[0]),
                   out_shardings=replicated)(rng)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
   iterator = iter(train_ds.tf_dataset)

@@ -41,14 +41,6 @@ def step_schedule(base_lr: float, epoch_steps: int, decay_epochs: Sequence[int],
   return lambda step: steps(step) * jnp.minimum(1.0, step / warmup_steps)
 
 
-def cosine_schedule(base_lr: float, total_steps: int, warmup_steps: int = 0) -> Schedule:
-  """base_lr after the same linear warmup as `step_schedule`, then a cosine decay that
-  reaches zero at total_steps."""
-  if warmup_steps <= 0:
-    return optax.cosine_decay_schedule(base_lr, total_steps)
-  return optax.warmup_cosine_decay_schedule(0.0, base_lr, warmup_steps, total_steps)
-
-
 def param_labels(params: Any) -> Any:
   """The group of every parameter leaf: 'backbone' under the top-level 'backbone' key."""
   def label(path, _):
@@ -67,10 +59,12 @@ def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_s
   if opt.schedule not in SCHEDULES:
     raise ValueError(f'config.optimizer.schedule must be one of {SCHEDULES}, got '
                      f'{opt.schedule!r}')
+
   def schedule(lr):
-    if opt.schedule == 'cosine':
-      return cosine_schedule(lr, total_steps, opt.warmup_steps)
+    if opt.schedule == 'cosine':  # The same linear warmup (none at 0), then down to zero.
+      return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, total_steps)
     return step_schedule(lr, epoch_steps, opt.decay_epochs, opt.decay_factor, opt.warmup_steps)
+
   schedules = {group: schedule(lr) for group, lr in ((HEAD, opt.lr), (BACKBONE, opt.backbone_lr))}
   if opt.freeze_backbone:
     schedules[BACKBONE] = optax.constant_schedule(0.0)
