@@ -34,6 +34,9 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
       steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4, upsample=4))
   # > 0: evaluation reads a moving average of the parameters with this decay per step.
   config.ema_decay = 0.0
+  # With a frozen backbone: compute its features of every training image (and its flip) once
+  # and train DETR on them, without the multi-scale resize and crop (train/feature_cache.py).
+  config.cache_backbone_features = False
   config.batch_size = 32  # Global, over all devices and processes.
   config.eval_batch_size = 32
   config.num_epochs = 75

@@ -20,6 +20,7 @@ import numpy as np
 from qna_detr import models
 from qna_detr import parallel
 from qna_detr.data import batching
+from qna_detr.train import feature_cache
 from qna_detr.train import loop
 from qna_detr.train import optimizer
 from qna_detr.utils import host_memory
@@ -73,10 +74,17 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
   tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000, total_steps=75_000)
   state = jax.jit(lambda key: loop.create_state(config, model, tx, key, shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
-  batch = batching.to_global_arrays(
-      synthetic_batch(config.batch_size, shape, num_classes, config.dataset.max_boxes),
-      parallel.batch_sharding(mesh))
-  train_step = loop.jit_train_step(config, model, tx, schedules, mesh)
+  host_batch = synthetic_batch(config.batch_size, shape, num_classes, config.dataset.max_boxes)
+  step_model = model
+  if config.cache_backbone_features:  # The loop's step then reads the backbone's features.
+    feature_map = feature_cache.backbone_features(
+        model, jax.device_get(state.params[optimizer.BACKBONE]), host_batch['inputs'],
+        host_batch['padding_mask'])
+    host_batch.update(inputs=np.asarray(feature_map.features),
+                      padding_mask=np.asarray(feature_map.mask))
+    step_model = feature_cache.head_model(model)
+  batch = batching.to_global_arrays(host_batch, parallel.batch_sharding(mesh))
+  train_step = loop.jit_train_step(config, step_model, tx, schedules, mesh)
   with jax.set_mesh(mesh):
     compiled_stats = xla_stats.stats_of(train_step.lower(state, batch).compile())
     times = []

@@ -5,8 +5,11 @@ checkpoint (train state and data iterator); logs losses, learning rates, gradien
 time and images/s to the CLU writer; evaluates with pycocotools every `eval_every_epochs` and
 at the end, writing WORKDIR/metrics.json.
 """
+from collections.abc import Callable
 import os
 import time
+from typing import Any
+
 from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
@@ -24,6 +27,7 @@ from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import inference
 from qna_detr.train import checkpoints
 from qna_detr.train import dense_pretraining
+from qna_detr.train import feature_cache
 from qna_detr.train import optimizer
 from qna_detr.train import steps
 
@@ -38,6 +42,9 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if not 1 <= config.eval_top_k <= config.model.num_queries:
     raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
                      f'config.model.num_queries={config.model.num_queries}].')
+  if config.cache_backbone_features and not config.optimizer.freeze_backbone:
+    raise ValueError('config.cache_backbone_features needs config.optimizer.freeze_backbone: '
+                     'the features of a backbone that trains change every step.')
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0: no average).')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
@@ -77,6 +84,22 @@ def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
                                schedules, config.optimizer.freeze_backbone, config.ema_decay)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def batch_source(config: ml_collections.ConfigDict, model, params, iterator, first_step: int,
+                 sharding: jax.sharding.Sharding) -> tuple[Callable[[], dict], Any]:
+  """(next global batch, the step's model) for the steps from `first_step` on: the training
+  iterator's batches through `model`, or, with config.cache_backbone_features, batches of
+  cached backbone features through `model` minus its backbone."""
+  if not config.cache_backbone_features:
+    return lambda: batching.next_global_batch(iterator, sharding, steps.BATCH_KEYS), model
+  images = pipeline.build_dataset(config, split='train', shuffle_seed=0, train=False,
+                                  global_batch_size=config.eval_batch_size)
+  cache = feature_cache.build(model, jax.device_get(params[optimizer.BACKBONE]), images)
+  batches = feature_cache.batches(cache, first_step, config.batch_size // jax.process_count(),
+                                  config.rng_seed)
+  return (lambda: batching.to_global_arrays(next(batches), sharding),
+          feature_cache.head_model(model))
 
 
 def create_state(config: ml_collections.ConfigDict, model, tx, key: jax.Array,
@@ -134,18 +157,21 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
       params, _ = pretrained.load_backbone(jax.device_get(state.params), path,
                                            config.pretrained.format)
       state = state.with_params(jax.device_put(params, replicated))
-  train_step = jit_train_step(config, model, tx, schedules, mesh)
+  start_step = int(state.step)
+  next_batch, step_model = batch_source(config, model, state.params, iterator, start_step + 1,
+                                        batch_sharding)
+  if config.cache_backbone_features:
+    iterator = None  # Batches follow from the step number: no input state to checkpoint.
+  train_step = jit_train_step(config, step_model, tx, schedules, mesh)
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
 
-  start_step = int(state.step)
   report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                            every_secs=60)
   history, last_log = [], (start_step, time.time())
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, total_steps + 1):
       with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        batch = batching.next_global_batch(iterator, batch_sharding, steps.BATCH_KEYS)
-        state, metrics = train_step(state, batch)
+        state, metrics = train_step(state, next_batch())
       history.append(metrics)
       report(step)
       if step % config.log_every_steps == 0 or step == total_steps:

@@ -27,10 +27,13 @@ def _params_at(workdir, step):
     manager.close()
 
 
-def test_resumed_run_equals_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize('cached_features', [False, True])
+def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
   data = str(tmp_path / 'data')
   config = train_testing.micro_config(data, steps=4)
   config.ema_decay = 0.9  # The average is part of the state that must resume.
+  # The cache's batches follow from the step number instead of a checkpointed iterator.
+  config.optimizer.freeze_backbone = config.cache_backbone_features = cached_features
   metrics = _run(config, tmp_path / 'straight')
   assert set(metrics) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                           'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'}
@@ -39,6 +42,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
 
   half = train_testing.micro_config(data, steps=2)
   half.ema_decay = config.ema_decay
+  half.optimizer.freeze_backbone = half.cache_backbone_features = cached_features
   _run(half, tmp_path / 'resumed')  # Stops after step 2 (checkpointed).
   _run(config, tmp_path / 'resumed')  # Picks up at step 2, runs to 4.
   straight = jax.tree.leaves(_params_at(tmp_path / 'straight', 4))
@@ -55,6 +59,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path):
     ('model.dtype', 'float8', 'config.model.dtype'),
     ('eval_top_k', 50, 'config.eval_top_k'),
     ('ema_decay', 1.0, 'config.ema_decay'),
+    ('cache_backbone_features', True, 'config.optimizer.freeze_backbone'),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, message):
   config = train_testing.micro_config(str(tmp_path / 'data'))

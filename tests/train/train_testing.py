@@ -30,7 +30,8 @@ def micro_config(data_dir: str, *, batch_size: int = 4,
   config.model.update(dict(num_queries=8, hidden_dim=32, num_heads=2, num_encoder_layers=1,
                            num_decoder_layers=2, dim_feedforward=64))
   config.backbone_pretraining.steps = 0
-  config.optimizer.freeze_backbone = False  # Tests train the whole model.
+  # Tests train the whole model, from images.
+  config.optimizer.freeze_backbone = config.cache_backbone_features = False
   config.eval_top_k = 8
   config.batch_size = config.eval_batch_size = batch_size
   config.num_train_steps = steps
