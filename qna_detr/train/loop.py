@@ -145,7 +145,8 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   state = jax.jit(lambda key: create_state(config, model, tx, key, train_ds.bucket_shapes[0]),
                   out_shardings=replicated)(rng)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-  iterator = iter(train_ds.tf_dataset)
+  # With cached features a step's batch follows from the step number: no input state.
+  iterator = None if config.cache_backbone_features else iter(train_ds.tf_dataset)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator=iterator)
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
@@ -160,8 +161,6 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   start_step = int(state.step)
   next_batch, step_model = batch_source(config, model, state.params, iterator, start_step + 1,
                                         batch_sharding)
-  if config.cache_backbone_features:
-    iterator = None  # Batches follow from the step number: no input state to checkpoint.
   train_step = jit_train_step(config, step_model, tx, schedules, mesh)
   predict_fn = inference.make_predict_fn(model, config.eval_top_k)
 
