@@ -27,9 +27,9 @@ from qna_detr.backbones import base
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
 from qna_detr.detr import DETR
+from qna_detr.train.steps import TARGET_KEYS
 
 Array = jax.Array
-TARGET_KEYS = ('boxes', 'labels', 'box_mask')
 
 
 class CachedFeatures(nn.Module):
@@ -75,10 +75,15 @@ class FeatureCache:
       raise ValueError(f'The feature cache has {len(self)} entries, fewer than the batch of '
                        f'{batch_size}')
     epoch, index = divmod(step - 1, per_epoch)
-    order = np.random.default_rng([seed, epoch]).permutation(len(self))
-    rows = order[index * batch_size:(index + 1) * batch_size]
+    rows = _epoch_order(len(self), seed, epoch)[index * batch_size:(index + 1) * batch_size]
     return {'inputs': self.features[rows], 'padding_mask': self.padding_mask[rows],
             **{k: getattr(self, k)[rows] for k in TARGET_KEYS}}
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
+  """The epoch's permutation, drawn once rather than at every step of the epoch."""
+  return np.random.default_rng([seed, epoch]).permutation(size)
 
 
 def flip_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
