@@ -28,10 +28,11 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet QnA-ViT checkpoint for the backbone ('' = train from scratch).
       format='auto'))  # 'auto', 'qna_detr' or 'authors' (the released QnA-ViT checkpoints).
-  # Dense class-map pretraining of the backbone before DETR, for data without an ImageNet
-  # checkpoint (see train/dense_pretraining.py); 0 steps = off.
+  # Dense pretraining of the backbone on class maps and box edges before DETR, for data
+  # without an ImageNet checkpoint (see train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
-      steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4, upsample=4))
+      steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4, upsample=4,
+      edge_weight=1.0))  # Of the box edges' L1 loss against the class maps' cross-entropy.
   # > 0: evaluation reads a moving average of the parameters with this decay per step.
   config.ema_decay = 0.0
   # With a frozen backbone: compute its features of every training image (and its flip) once

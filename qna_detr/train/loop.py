@@ -57,6 +57,9 @@ def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collec
   if pretraining.steps > 0 and not 0 <= pretraining.warmup_steps < pretraining.steps:
     raise ValueError(f'config.backbone_pretraining.warmup_steps={pretraining.warmup_steps} must '
                      f'be in [0, config.backbone_pretraining.steps={pretraining.steps}).')
+  if pretraining.edge_weight < 0:
+    raise ValueError(f'config.backbone_pretraining.edge_weight={pretraining.edge_weight} must '
+                     'be >= 0 (0: class maps only).')
   if config.dataset.name == 'toy' and not config.dataset.data_dir:
     config.dataset.data_dir = os.path.join(workdir, 'toy_coco')
   return config

@@ -1,4 +1,4 @@
-"""Dense class-map pretraining: its targets, its output layout, and the phase in the loop."""
+"""Dense pretraining: its targets, its output layout, and the phase in the loop."""
 from clu import metric_writers
 import flax.linen as nn
 import jax
@@ -47,6 +47,48 @@ def test_box_class_maps_match_a_per_cell_loop():
   np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def _edges_by_loop(boxes, box_mask, sizes, grid, cell):
+  """Per cell, in pixels: the smallest box around its centre and the distances to its edges."""
+  edges = np.zeros((len(boxes), *grid, 4), np.float32)
+  inside = np.zeros((len(boxes), *grid), bool)
+  for b in range(len(boxes)):
+    height, width = sizes[b]
+    for i in range(grid[0]):
+      for j in range(grid[1]):
+        y, x = (i + 0.5) * cell, (j + 0.5) * cell
+        around = []
+        for n in np.nonzero(box_mask[b])[0]:
+          cx, cy, w, h = boxes[b, n] * [width, height, width, height]
+          if cy - h / 2 <= y <= cy + h / 2 and cx - w / 2 <= x <= cx + w / 2:
+            around.append((w * h, cx, cy, w, h))
+        if around:
+          _, cx, cy, w, h = min(around)
+          inside[b, i, j] = True
+          edges[b, i, j] = [(x - cx + w / 2) / width, (y - cy + h / 2) / height,
+                            (cx + w / 2 - x) / width, (cy + h / 2 - y) / height]
+  return edges, inside
+
+
+def test_box_edge_targets_match_a_per_cell_loop():
+  rng = np.random.default_rng(2)
+  batch, boxes_per_image, grid, cell = 3, 6, (10, 11), 4.0
+  centres = rng.uniform(0.2, 0.8, (batch, boxes_per_image, 2))
+  extents = rng.uniform(0.1, 0.7, (batch, boxes_per_image, 2))
+  boxes = np.concatenate([centres, extents], -1).astype(np.float32)
+  box_mask = rng.uniform(size=(batch, boxes_per_image)) < 0.8
+  sizes = np.array([[40, 44], [33, 40], [40, 31]], np.int32)
+  edges, inside = dense_pretraining.box_edge_targets(
+      jnp.asarray(boxes), jnp.asarray(box_mask), jnp.asarray(sizes), grid, cell)
+  want_edges, want_inside = _edges_by_loop(boxes, box_mask, sizes, grid, cell)
+  counts = np.zeros(want_inside.shape, int)  # Boxes around each centre: overlaps are tested.
+  for b, n in zip(*np.nonzero(box_mask)):
+    counts[b] += _edges_by_loop(boxes[b:b + 1, n:n + 1], box_mask[b:b + 1, n:n + 1],
+                                sizes[b:b + 1], grid, cell)[1][0]
+  assert (counts >= 2).sum() > 10 and (counts == 0).sum() > 10
+  np.testing.assert_array_equal(np.asarray(inside), want_inside)
+  np.testing.assert_allclose(np.asarray(edges)[want_inside], want_edges[want_inside], atol=1e-6)
+
+
 class _GivenFeatures(nn.Module):
   """A stand-in backbone: returns the images themselves as its one feature map."""
 
@@ -55,31 +97,40 @@ class _GivenFeatures(nn.Module):
     return [FeatureMap(images, padding_mask)]
 
 
-def test_classifier_puts_each_sub_cell_where_it_belongs():
-  upsample, classes = 2, 3
-  features = np.random.default_rng(1).normal(size=(2, 3, 4, upsample * upsample * classes))
+def test_heads_put_each_sub_cell_where_it_belongs():
+  upsample, classes = 2, 4  # Both heads have upsample^2 * 4 outputs: diagonal kernels.
+  channels = upsample * upsample * classes
+  features = np.random.default_rng(1).normal(size=(2, 3, 4, channels))
   mask = np.zeros(features.shape[:3], bool)
   mask[1, 2:, :] = True
-  model = dense_pretraining.DenseClassifier(_GivenFeatures(), classes, upsample)
-  params = {'head': {'kernel': jnp.eye(features.shape[-1]),  # Logits = features.
-                     'bias': jnp.zeros(features.shape[-1])}}
-  logits, out_mask = model.apply({'params': params}, jnp.asarray(features, jnp.float32),
-                                 jnp.asarray(mask), train=False)
+  model = dense_pretraining.DenseHeads(_GivenFeatures(), classes, upsample)
+  identity = {'kernel': jnp.eye(channels), 'bias': jnp.zeros(channels)}
+  params = {'head': identity, 'edge_head': {'kernel': -2 * jnp.eye(channels),
+                                            'bias': jnp.zeros(channels)}}
+  logits, edges, out_mask = model.apply({'params': params}, jnp.asarray(features, jnp.float32),
+                                        jnp.asarray(mask), train=False)
   assert logits.shape == (2, 3 * upsample, 4 * upsample, classes)
+  assert edges.shape == (2, 3 * upsample, 4 * upsample, 4)
   for b, i, j, a, c in np.ndindex(2, 3, 4, upsample, upsample):
-    # Sub-cell (a, c) of cell (i, j) reads channels [(a * upsample + c) * classes, ...).
+    # Sub-cell (a, c) of cell (i, j) reads channels [(a * upsample + c) * width, ...).
+    sub_cell = (b, i * upsample + a, j * upsample + c)
     first = (a * upsample + c) * classes
-    np.testing.assert_allclose(logits[b, i * upsample + a, j * upsample + c],
-                               features[b, i, j, first:first + classes], rtol=1e-6)
-    assert out_mask[b, i * upsample + a, j * upsample + c] == mask[b, i, j]
+    np.testing.assert_allclose(logits[sub_cell], features[b, i, j, first:first + classes],
+                               rtol=1e-6)
+    first = (a * upsample + c) * 4
+    np.testing.assert_allclose(edges[sub_cell], -2 * features[b, i, j, first:first + 4],
+                               rtol=1e-6)
+    assert out_mask[sub_cell] == mask[b, i, j]
 
 
-def _dense_losses(config, params, batch) -> tuple[float, float]:
-  """Mean BCE over real sub-cells of (params, the best constant guess: each class's rate)."""
-  model = dense_pretraining.DenseClassifier(models.build_backbone(config.model), 5,
-                                            config.backbone_pretraining.upsample)
-  logits, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
-                             train=False)
+def _dense_losses(config, params, batch) -> tuple[float, float, float, float]:
+  """Over real sub-cells: the class maps' BCE of (params, the best constant guess: each class's
+  rate) and the edges' L1 over sub-cells inside a box of (params, the best constant guess: each
+  coordinate's median)."""
+  model = dense_pretraining.DenseHeads(models.build_backbone(config.model), 5,
+                                       config.backbone_pretraining.upsample)
+  logits, edges, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                                    train=False)
   targets = dense_pretraining.box_class_maps(batch['boxes'], batch['labels'], batch['box_mask'],
                                              batch['size'], logits.shape[1:3], 4.0, 5)
   valid = np.asarray(~mask, np.float32)[..., None]
@@ -90,7 +141,13 @@ def _dense_losses(config, params, batch) -> tuple[float, float]:
     per_cell = -(targets * np.log(p) + (1 - targets) * np.log(1 - p)).mean(-1, keepdims=True)
     return float((per_cell * valid).sum() / valid.sum())
 
-  return bce(jax.nn.sigmoid(logits)), bce(np.broadcast_to(rate, targets.shape))
+  target_edges, inside = dense_pretraining.box_edge_targets(
+      batch['boxes'], batch['box_mask'], batch['size'], logits.shape[1:3], 4.0)
+  in_box = np.asarray(inside) & (valid[..., 0] > 0)
+  target_edges = np.asarray(target_edges)[in_box]
+  l1 = lambda e: float(np.abs(e - target_edges).mean())  # noqa: E731
+  return (bce(jax.nn.sigmoid(logits)), bce(np.broadcast_to(rate, targets.shape)),
+          l1(np.asarray(edges)[in_box]), l1(np.median(target_edges, axis=0)))
 
 
 def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
@@ -107,8 +164,9 @@ def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
   losses = [_dense_losses(config, pretrained.read_checkpoint(path),
                           {k: jnp.asarray(v.numpy()) for k, v in next(iterator).items()
                            if k in dense_pretraining.BATCH_KEYS}) for _ in range(3)]
-  loss, constant_guess = np.mean(losses, axis=0)
-  assert loss < 0.75 * constant_guess, losses  # It reads the images.
+  bce, bce_constant, edge_l1, edge_l1_constant = np.mean(losses, axis=0)
+  assert bce < 0.75 * bce_constant, losses  # It reads the images.
+  assert edge_l1 < 0.9 * edge_l1_constant, losses  # 0.80 when written.
 
   detector = jax.eval_shape(lambda: models.build_detr(config.model, 5).init(
       jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool),
@@ -126,6 +184,7 @@ def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
 @pytest.mark.parametrize('overrides,key', [
     (dict(steps=10, warmup_steps=5, path='ckpt'), 'config.pretrained.path'),
     (dict(steps=10, warmup_steps=10), 'config.backbone_pretraining.warmup_steps'),
+    (dict(steps=10, warmup_steps=5, edge_weight=-1.0), 'config.backbone_pretraining.edge_weight'),
 ])
 def test_bad_pretraining_config_names_the_key(tmp_path, overrides, key):
   config = train_testing.micro_config(str(tmp_path / 'data'))
