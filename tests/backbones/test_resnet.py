@@ -1,0 +1,185 @@
+"""ResNet-50 with frozen batch norm.
+
+References: torchvision's published ResNet-50 parameter count, a direct numpy implementation
+of the stem and bottleneck blocks, and the unfolded batch-norm formula.
+"""
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from qna_detr.backbones.resnet import FrozenBatchNorm, ResNet, ResNetClassifier
+from qna_detr.backbones.resnet import fold_batch_norm, frozen_param
+
+TORCHVISION_RESNET50_PARAMS = 25_557_032  # torchvision.models.resnet50, 1000 classes.
+
+
+def _abstract_params(model, shape=(1, 64, 64, 3)):
+  return jax.eval_shape(model.init, jax.random.key(0), jnp.zeros(shape))['params']
+
+
+def _random_params(model, shape, seed=0):
+  """Parameters with random values everywhere: kernels at He scale, batch-norm affines away
+  from the identity."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    if path[-1].key == 'kernel':
+      fan_in = np.prod(leaf.shape[:-1])
+      return rng.normal(scale=np.sqrt(2 / fan_in), size=leaf.shape).astype(np.float32)
+    if path[-1].key == 'scale':
+      return rng.uniform(0.5, 1.5, leaf.shape).astype(np.float32)
+    return rng.normal(scale=0.1, size=leaf.shape).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, _abstract_params(model, shape))
+
+
+def test_parameter_count_matches_torchvision():
+  params = _abstract_params(ResNetClassifier(1000), (1, 224, 224, 3))
+  assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)) == (
+      TORCHVISION_RESNET50_PARAMS)
+  assert sorted(params) == ['backbone', 'head']
+  assert params['head']['kernel'].shape == (2048, 1000)
+
+
+def test_pyramid_for_odd_non_square_input():
+  images = jnp.zeros((2, 37, 70, 3))
+  pyramid, variables = jax.eval_shape(ResNet().init_with_output, jax.random.key(0), images,
+                                      jnp.zeros((2, 37, 70), bool))
+  want = [(-(-37 // s), -(-70 // s)) for s in (4, 8, 16, 32)]
+  assert [f.features.shape[1:3] for f in pyramid] == want
+  assert [f.mask.shape[1:] for f in pyramid] == want
+  assert [f.features.shape[-1] for f in pyramid] == [256, 512, 1024, 2048]
+  assert list(variables) == ['params']  # Frozen batch norm keeps no batch statistics.
+
+
+def test_masks_cover_the_padding_of_each_image():
+  model = ResNet(depths=(1, 1, 1, 1))
+  images = np.zeros((2, 45, 70, 3), np.float32)
+  mask = np.ones((2, 45, 70), bool)
+  sizes = [(45, 33), (17, 70)]
+  for n, (hgt, wid) in enumerate(sizes):
+    mask[n, :hgt, :wid] = False
+  pyramid = model.apply({'params': _random_params(model, images.shape)}, images, mask)
+  for stride, level in zip((4, 8, 16, 32), pyramid):
+    for n, (hgt, wid) in enumerate(sizes):
+      rows, cols = np.indices(level.mask.shape[1:])
+      want = (rows >= -(-hgt // stride)) | (cols >= -(-wid // stride))
+      np.testing.assert_array_equal(level.mask[n], want)
+
+
+def test_frozen_batch_norm_equals_batch_norm_in_eval_mode():
+  rng = np.random.default_rng(0)
+  gamma, beta, mean = rng.normal(size=(3, 8))
+  var = rng.uniform(0.1, 3.0, 8)
+  x = rng.normal(size=(2, 3, 5, 8)).astype(np.float32)
+  scale, bias = fold_batch_norm(gamma, beta, mean, var)
+  params = {'scale': jnp.asarray(scale, jnp.float32), 'bias': jnp.asarray(bias, jnp.float32)}
+  got = FrozenBatchNorm().apply({'params': params}, x)
+  np.testing.assert_allclose(got, (x - mean) / np.sqrt(var + 1e-5) * gamma + beta,
+                             rtol=1e-5, atol=1e-5)
+
+
+def _np_conv(x: np.ndarray, kernel: np.ndarray, stride: int, pad: int) -> np.ndarray:
+  """Cross-correlation of [B, H, W, I] with [kh, kw, I, O], zero padding on every side."""
+  x = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+  kh, kw = kernel.shape[:2]
+  out_h, out_w = (x.shape[1] - kh) // stride + 1, (x.shape[2] - kw) // stride + 1
+  out = np.zeros((x.shape[0], out_h, out_w, kernel.shape[-1]))
+  for dy in range(kh):
+    for dx in range(kw):
+      rows = slice(dy, dy + stride * (out_h - 1) + 1, stride)
+      cols = slice(dx, dx + stride * (out_w - 1) + 1, stride)
+      out += x[:, rows, cols] @ kernel[dy, dx]
+  return out
+
+
+def _np_max_pool(x: np.ndarray) -> np.ndarray:
+  """3x3 stride-2 max pool, the border padded by 1 with -inf."""
+  x = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), constant_values=-np.inf)
+  out_h, out_w = (x.shape[1] - 3) // 2 + 1, (x.shape[2] - 3) // 2 + 1
+  return np.max([x[:, dy:dy + 2 * out_h - 1:2, dx:dx + 2 * out_w - 1:2]
+                 for dy in range(3) for dx in range(3)], axis=0)
+
+
+def _np_resnet(params, x: np.ndarray, depths) -> list[np.ndarray]:
+  """The stage outputs of torchvision's ResNet v1.5 with folded batch norm."""
+  relu = lambda y: np.maximum(y, 0)
+  bn = lambda p, y: y * np.asarray(p['scale']) + np.asarray(p['bias'])
+  conv = lambda p, y, stride, pad: _np_conv(y, np.asarray(p['kernel']), stride, pad)
+  y = _np_max_pool(relu(bn(params['bn1'], conv(params['conv1'], x, 2, 3))))
+  outputs = []
+  for stage, depth in enumerate(depths):
+    for block in range(depth):
+      p = params[f'layer{stage + 1}_{block}']
+      stride = 2 if block == 0 and stage > 0 else 1
+      h = relu(bn(p['bn1'], conv(p['conv1'], y, 1, 0)))
+      h = relu(bn(p['bn2'], conv(p['conv2'], h, stride, 1)))
+      h = bn(p['bn3'], conv(p['conv3'], h, 1, 0))
+      if block == 0:
+        y = bn(p['downsample_bn'], conv(p['downsample_conv'], y, stride, 0))
+      y = relu(h + y)
+    outputs.append(y)
+  return outputs
+
+
+def test_stem_and_bottlenecks_match_numpy():
+  """Odd and even sizes, so that torchvision's symmetric padding is exercised at every stride."""
+  depths = (1, 2)
+  model = ResNet(depths=depths)
+  x = np.random.default_rng(1).normal(size=(1, 29, 40, 3)).astype(np.float32)
+  params = _random_params(model, x.shape)
+  got = model.apply({'params': params}, x)
+  for level, want in zip(got, _np_resnet(params, x, depths), strict=True):
+    assert level.features.shape == want.shape
+    np.testing.assert_allclose(level.features, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = ResNet(depths=(1, 1), dtype=jnp.bfloat16)
+  x = np.random.default_rng(2).normal(size=(1, 32, 48, 3)).astype(np.float32)
+  params = _random_params(model, x.shape)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(params))
+  low = model.apply({'params': params}, x)[-1].features
+  high = ResNet(depths=(1, 1)).apply({'params': params}, x)[-1].features
+  assert low.dtype == jnp.bfloat16
+  np.testing.assert_allclose(np.asarray(low, np.float32), high, atol=0.05 * np.abs(high).max())
+
+
+def test_train_flag_changes_nothing():
+  model = ResNet(depths=(1, 1))
+  x = np.random.default_rng(3).normal(size=(2, 32, 48, 3)).astype(np.float32)
+  variables = {'params': _random_params(model, x.shape)}
+  for a, b in zip(model.apply(variables, x, train=True), model.apply(variables, x)):
+    np.testing.assert_array_equal(a.features, b.features)
+
+
+def test_classifier_pools_real_pixels_only():
+  depths = (1, 1)
+  model = ResNetClassifier(num_classes=5, depths=depths)
+  images = np.random.default_rng(4).normal(size=(1, 64, 96, 3)).astype(np.float32)
+  mask = np.ones((1, 64, 96), bool)
+  mask[:, :33, :40] = False
+  images[mask] = 0.0
+  params = _random_params(model, images.shape)
+  last = ResNet(depths=depths).apply({'params': params['backbone']}, images, mask)[-1]
+  real = np.asarray(last.features)[0][~np.asarray(last.mask)[0]]
+  assert real.shape == (5 * 5, 512)  # ceil(33 / 8) x ceil(40 / 8) real positions.
+  want = real.mean(0) @ params['head']['kernel'] + params['head']['bias']
+  np.testing.assert_allclose(model.apply({'params': params}, images, mask)[0], want,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_frozen_params_are_the_batch_norms_stem_and_layer1():
+  flat = traverse_util.flatten_dict(_abstract_params(ResNet()))
+  frozen = {path for path in flat if frozen_param(path)}
+  norms = {path for path in flat if path[-2].startswith(('bn', 'downsample_bn'))}
+  early = {path for path in flat if path[0] in ('conv1', 'bn1') or path[0].startswith('layer1_')}
+  assert len(norms) == 2 * 53  # One per conv: the stem, 3 per block, 4 shortcuts.
+  assert frozen == norms | early
+  trainable = set(flat) - frozen
+  assert all(p[-1] == 'kernel' and p[0][:6] in ('layer2', 'layer3', 'layer4') for p in trainable)
+  assert len(trainable) == 3 * (4 + 6 + 3) + 3  # Three convs per block, three shortcuts.
+  # torchvision's count less the head (2048 x 1000 + 1000), every batch norm (2 x 26,560),
+  # the stem conv (7 x 7 x 3 x 64) and layer1's convs (212,992).
+  assert sum(np.prod(flat[p].shape) for p in trainable) == (
+      TORCHVISION_RESNET50_PARAMS - 2_049_000 - 53_120 - 9_408 - 212_992)
