@@ -1,17 +1,26 @@
-"""ResNet-50 with frozen batch norm.
+"""ResNet-50 with frozen batch norm, and torchvision weights read without torch.
 
 References: torchvision's published ResNet-50 parameter count, a direct numpy implementation
-of the stem and bottleneck blocks, and the unfolded batch-norm formula.
+of the stem and bottleneck blocks, the unfolded batch-norm formula, and values written by
+torch (testdata/make_torchvision_fixture.py).
 """
+import os
+import pickle
+import zipfile
+
 from flax import traverse_util
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
+from qna_detr.backbones import torchvision_weights
 from qna_detr.backbones.resnet import FrozenBatchNorm, ResNet, ResNetClassifier
 from qna_detr.backbones.resnet import fold_batch_norm, frozen_param
 
 TORCHVISION_RESNET50_PARAMS = 25_557_032  # torchvision.models.resnet50, 1000 classes.
+TESTDATA = os.path.join(os.path.dirname(__file__), 'testdata')
+BN_STATS = ('weight', 'bias', 'running_mean', 'running_var')
 
 
 def _abstract_params(model, shape=(1, 64, 64, 3)):
@@ -183,3 +192,121 @@ def test_frozen_params_are_the_batch_norms_stem_and_layer1():
   # the stem conv (7 x 7 x 3 x 64) and layer1's convs (212,992).
   assert sum(np.prod(flat[p].shape) for p in trainable) == (
       TORCHVISION_RESNET50_PARAMS - 2_049_000 - 53_120 - 9_408 - 212_992)
+
+
+# torchvision's converter inputs.
+
+def _torchvision_resnet50_shapes() -> dict[str, tuple[int, ...]]:
+  """Names and shapes of torchvision's resnet50().state_dict()."""
+  shapes = {'conv1.weight': (64, 3, 7, 7)}
+
+  def norm(name, channels):
+    shapes.update({f'{name}.{stat}': (channels,) for stat in BN_STATS})
+    shapes[f'{name}.num_batches_tracked'] = ()
+  norm('bn1', 64)
+  inplanes = 64
+  for stage, (depth, width) in enumerate(zip((3, 4, 6, 3), (64, 128, 256, 512))):
+    for block in range(depth):
+      prefix = f'layer{stage + 1}.{block}'
+      shapes[f'{prefix}.conv1.weight'] = (width, inplanes, 1, 1)
+      shapes[f'{prefix}.conv2.weight'] = (width, width, 3, 3)
+      shapes[f'{prefix}.conv3.weight'] = (4 * width, width, 1, 1)
+      for k, channels in enumerate((width, width, 4 * width)):
+        norm(f'{prefix}.bn{k + 1}', channels)
+      if block == 0:
+        shapes[f'{prefix}.downsample.0.weight'] = (4 * width, inplanes, 1, 1)
+        norm(f'{prefix}.downsample.1', 4 * width)
+      inplanes = 4 * width
+  shapes.update({'fc.weight': (1000, 2048), 'fc.bias': (1000,)})
+  return shapes
+
+
+def _random_state_dict(seed=0) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(seed)
+  state = {}
+  for name, shape in _torchvision_resnet50_shapes().items():
+    if name.endswith('num_batches_tracked'):
+      state[name] = np.asarray(100, np.int64)
+    elif name.endswith('running_var'):
+      state[name] = rng.uniform(0.5, 2.0, shape).astype(np.float32)
+    else:
+      state[name] = rng.normal(size=shape).astype(np.float32)
+  return state
+
+
+def test_torchvision_names_cover_the_classifier():
+  shapes = _torchvision_resnet50_shapes()
+  assert len(shapes) == 320
+  assert sum(np.prod(s) for n, s in shapes.items()
+             if not n.endswith(('running_mean', 'running_var', 'num_batches_tracked'))) == (
+                 TORCHVISION_RESNET50_PARAMS)
+  state = _random_state_dict()
+  merged, left_out = torchvision_weights.to_project(state)
+  assert left_out == []
+  target = _abstract_params(ResNetClassifier(1000), (1, 32, 32, 3))
+  assert jax.tree.map(np.shape, merged) == jax.tree.map(lambda s: s.shape, target)
+  np.testing.assert_array_equal(merged['backbone']['layer3_2']['conv2']['kernel'][1, 2],
+                                state['layer3.2.conv2.weight'][:, :, 1, 2].T)
+  np.testing.assert_array_equal(merged['head']['kernel'], state['fc.weight'].T)
+  bn = [state[f'layer4.0.downsample.1.{k}'] for k in BN_STATS]
+  scale = bn[0] / np.sqrt(bn[3] + 1e-5)
+  np.testing.assert_allclose(merged['backbone']['layer4_0']['downsample_bn']['scale'], scale,
+                             rtol=1e-6)
+  np.testing.assert_allclose(merged['backbone']['layer4_0']['downsample_bn']['bias'],
+                             bn[1] - bn[2] * scale, rtol=1e-5, atol=1e-6)
+
+
+def test_incomplete_batch_norm_is_left_out():
+  state = {'bn1.weight': np.ones(4, np.float32), 'bn1.bias': np.zeros(4, np.float32),
+           'layer1.0.conv1.weight': np.ones((2, 4, 1, 1), np.float32)}
+  tree, left_out = torchvision_weights.to_project(state)
+  assert left_out == ['bn1.bias', 'bn1.weight']
+  assert traverse_util.flatten_dict(tree, sep='/').keys() == {'backbone/layer1_0/conv1/kernel'}
+
+
+# A state dict written by torch.save (testdata/make_torchvision_fixture.py).
+
+@pytest.fixture(scope='module')
+def torch_written():
+  reference = dict(np.load(os.path.join(TESTDATA, 'torchvision_tiny.npz')))
+  state = torchvision_weights.read_state_dict(os.path.join(TESTDATA, 'torchvision_tiny.pth'))
+  return state, reference
+
+
+def test_reads_tensors_as_torch_wrote_them(torch_written):
+  state, reference = torch_written
+  assert sorted(state) == sorted(k for k in reference if ':' not in k)
+  for name, value in state.items():
+    assert value.dtype == reference[name].dtype, name
+    np.testing.assert_array_equal(value, reference[name], err_msg=name)
+  assert state['bn1.num_batches_tracked'].dtype == np.int64
+  assert state['layer2.0.downsample.0.weight'].shape == (6, 4, 1, 1)
+
+
+def test_converted_weights_compute_what_torch_computed(torch_written):
+  _, reference = torch_written
+  tree, left_out = torchvision_weights.read(os.path.join(TESTDATA, 'torchvision_tiny.pth'))
+  assert left_out == ['layer9.extra']
+  backbone = tree['backbone']
+  np.testing.assert_allclose(
+      reference['bn1:input'] * backbone['bn1']['scale'] + backbone['bn1']['bias'],
+      reference['bn1:output'], rtol=1e-5, atol=1e-5)
+  conv = jax.lax.conv_general_dilated(
+      reference['conv1:input'], backbone['conv1']['kernel'], (1, 1), 'VALID',
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(conv, reference['conv1:output'], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+      reference['fc:input'] @ tree['head']['kernel'] + tree['head']['bias'],
+      reference['fc:output'], rtol=1e-5, atol=1e-5)
+  shortcut = backbone['layer2_0']
+  np.testing.assert_array_equal(shortcut['downsample_conv']['kernel'][0, 0],
+                                reference['layer2.0.downsample.0.weight'][:, :, 0, 0].T)
+  assert set(shortcut['downsample_bn']) == {'scale', 'bias'}
+
+
+def test_refuses_pickles_that_are_not_tensors(tmp_path):
+  path = str(tmp_path / 'evil.pth')
+  with zipfile.ZipFile(path, 'w') as archive:
+    archive.writestr('evil/data.pkl', pickle.dumps({'x': os.getcwd}))
+  with pytest.raises(pickle.UnpicklingError, match='getcwd'):
+    torchvision_weights.read_state_dict(path)
