@@ -4,8 +4,8 @@ Global batch 32, 75 epochs, head lr 1e-4 and backbone lr 1e-5 (x0.1 after epoch 
 weight decay 1e-4 and gradient clipping at 0.1. Reads TFDS coco/2017 (set --config.dataset.data_dir
 to TFDS's data_dir); point --config.pretrained.path at an ImageNet QnA-ViT-Small checkpoint.
 """
-from qna_detr import configs
+from qna_detr import recipes
 
 
 def get_config():
-  return configs.detr_coco('qna_vit_small')
+  return recipes.detr_coco('qna_vit_small')

@@ -1,11 +1,11 @@
 """The embedded default: DETR with a nano QnA-ViT on the synthetic shapes set, on a CPU.
 
-The dataset is generated into WORKDIR/toy_coco on first use, and the backbone is pretrained on
-it (WORKDIR/backbone_pretraining) before DETR trains on top of it, frozen, reading the
-backbone's features of every training image from memory (`cache_backbone_features`).
+The phases of one run: the dataset is made into WORKDIR/toy_coco, the backbone pretrains on
+it (WORKDIR/backbone_pretraining), then DETR trains on top of it, frozen, reading the
+backbone's features of every training image from memory, and is evaluated.
 """
-from qna_detr import configs
+from qna_detr import recipes
 
 
 def get_config():
-  return configs.toy()
+  return recipes.toy()

@@ -20,7 +20,7 @@ import pytest
 
 from qna_detr.data import pipeline
 from qna_detr.data import toy
-from qna_detr.utils import host_memory
+from qna_detr.utils import runtime
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), 'train'))
 import train_testing  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -32,10 +32,10 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
-# Faster CPU steps, as in training (qna_detr.utils.host_memory); glibc reads the same
+# Faster CPU steps, as in training (qna_detr.utils.runtime); glibc reads the same
 # settings from the environment in the subprocesses that tests start.
-host_memory.keep_freed_memory_on_cpu()
-for _name, _value in host_memory.ENVIRONMENT.items():
+runtime.keep_freed_memory_on_cpu()
+for _name, _value in runtime.ENVIRONMENT.items():
   os.environ.setdefault(_name, _value)
 
 REAL_JSON = os.path.join(os.path.dirname(__file__), 'data', 'testdata',
@@ -110,7 +110,6 @@ def toy_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def toy_config(toy_dir) -> ml_collections.ConfigDict:
   cfg = pipeline.toy_config(toy_dir, image_size=TOY_IMAGE_SIZE)
-  cfg.toy.update(train_testing.TOY_SET)
   cfg.bucket_sample_size = 300
   return ml_collections.ConfigDict({'dataset': cfg})
 

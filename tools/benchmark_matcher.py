@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from qna_detr.detr.matcher import SOLVERS, HungarianMatcher
+from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per case (after one warm-up call).')

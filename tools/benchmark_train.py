@@ -3,8 +3,9 @@
   python tools/benchmark_train.py --config=configs/qna_detr_tiny_coco.py --image_size=800,1216
   python tools/benchmark_train.py --config=configs/qna_detr_toy.py --json=/tmp/train.json
 
-Reports the median step time over --steps timed steps (after --warmup), images/s, and the
-compiled peak memory and FLOPs of the jitted step, on all local devices.
+Reports the compile time of the jitted step (`compile_s`, apart from the steps), the median
+step time over --steps timed steps (after --warmup), images/s, and the compiled peak memory
+and FLOPs, on all local devices.
 """
 import json
 import statistics
@@ -17,13 +18,12 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr import parallel
 from qna_detr.data import batching
-from qna_detr.train import feature_cache
 from qna_detr.train import loop
 from qna_detr.train import optimizer
-from qna_detr.utils import host_memory
+from qna_detr.utils import runtime
 from qna_detr.utils import xla_stats
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
@@ -35,6 +35,8 @@ _NUM_CLASSES = flags.DEFINE_integer('num_classes', 80, 'Object classes (COCO: 80
 _STEPS = flags.DEFINE_integer('steps', 10, 'Timed steps.')
 _WARMUP = flags.DEFINE_integer('warmup', 2, 'Untimed steps first (the first one compiles).')
 _JSON = flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
+_CACHE_DIR = flags.DEFINE_string('compilation_cache_dir', '', "JAX's persistent compilation "
+                                 "cache ('' = off: compile_s then measures a full compile).")
 flags.mark_flag_as_required('config')
 
 
@@ -68,29 +70,33 @@ def synthetic_batch(batch_size: int, shape: tuple[int, int], num_classes: int,
 
 
 def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warmup: int) -> dict:
-  config = loop.resolve_config(config, '/tmp')
+  config = loop.check_config(config)
   mesh = parallel.data_mesh(jax.local_devices())
-  model = models.build_detr(config.model, num_classes)
-  tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000, total_steps=75_000)
-  state = jax.jit(lambda key: loop.create_state(config, model, tx, key, shape),
+  detector = detectors.build(config, num_classes)
+  mask = loop.frozen_mask(config, detector)
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps=1000, total_steps=75_000,
+                                            mask=mask)
+  state = jax.jit(lambda key: loop.create_state(config, detector, tx, key, shape),
                   out_shardings=parallel.replicated(mesh))(jax.random.PRNGKey(0))
   host_batch = synthetic_batch(config.batch_size, shape, num_classes, config.dataset.max_boxes)
-  step_model = model
-  if config.cache_backbone_features:  # The loop's step then reads the backbone's features.
-    feature_map = feature_cache.backbone_features(
-        model, jax.device_get(state.params[optimizer.BACKBONE]), host_batch['inputs'],
-        host_batch['padding_mask'])
+  step_detector = detector
+  if config.train_input == 'cached_features':  # The loop's step then reads features.
+    feature_map = detector.backbone_features(jax.device_get(state.params['backbone']),
+                                             host_batch['inputs'], host_batch['padding_mask'])
     host_batch.update(inputs=np.asarray(feature_map.features),
                       padding_mask=np.asarray(feature_map.mask))
-    step_model = feature_cache.head_model(model)
+    step_detector = detector.on_features()
   batch = batching.to_global_arrays(host_batch, parallel.batch_sharding(mesh))
-  train_step = loop.jit_train_step(config, step_model, tx, schedules, mesh)
+  train_step = loop.jit_train_step(config, step_detector, tx, schedules, mask, mesh)
   with jax.set_mesh(mesh):
-    compiled_stats = xla_stats.stats_of(train_step.lower(state, batch).compile())
+    start = time.perf_counter()
+    compiled = train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - start
+    compiled_stats = xla_stats.stats_of(compiled)
     times = []
     for i in range(warmup + timed):
       start = time.perf_counter()
-      state, metrics = train_step(state, batch)
+      state, metrics = compiled(state, batch)
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)
@@ -99,23 +105,25 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
   return {
       'config': config.experiment_name, 'backbone': config.model.backbone,
       'devices': f'{jax.local_device_count()} x {jax.local_devices()[0].device_kind}',
-      'batch_size': config.batch_size, 'image_shape': list(shape), 'dtype': config.model.dtype,
-      'median_step_s': median, 'images_per_s': config.batch_size / median,
-      'peak_bytes': compiled_stats['peak_bytes'], 'flops_per_step': compiled_stats['flops'],
-      'step_times_s': times,
+      'jax': jax.__version__, 'batch_size': config.batch_size, 'image_shape': list(shape),
+      'dtype': config.model.dtype, 'compile_s': compile_s, 'median_step_s': median,
+      'images_per_s': config.batch_size / median, 'peak_bytes': compiled_stats['peak_bytes'],
+      'flops_per_step': compiled_stats['flops'], 'step_times_s': times,
   }
 
 
 def main(argv):
   del argv
-  host_memory.keep_freed_memory_on_cpu()  # As training does.
+  runtime.keep_freed_memory_on_cpu()  # As training does.
+  runtime.enable_compilation_cache(_CACHE_DIR.value)
   config = _CONFIG.value
   result = benchmark(config, _image_shape(config), _NUM_CLASSES.value, _STEPS.value,
                      _WARMUP.value)
   print(f"{result['config']} on {result['devices']}: batch {result['batch_size']} x "
         f"{result['image_shape'][0]}x{result['image_shape'][1]} ({result['dtype']})")
-  print(f"median step {result['median_step_s'] * 1e3:.1f} ms over {len(result['step_times_s'])}"
-        f" steps, {result['images_per_s']:.1f} images/s")
+  print(f"compile {result['compile_s']:.1f} s; median step "
+        f"{result['median_step_s'] * 1e3:.1f} ms over {len(result['step_times_s'])} steps, "
+        f"{result['images_per_s']:.1f} images/s")
   print(f"compiled peak memory {result['peak_bytes'] / 2**30:.2f} GiB, "
         f"{result['flops_per_step'] / 1e12:.2f} TFLOP per step (XLA cost analysis)")
   if _JSON.value:

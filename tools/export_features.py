@@ -12,7 +12,7 @@ evaluation resize and normalization; --size=N resizes them so that their longer 
 instead (N - 1 for some aspect ratios, by DETR's rounding), in buckets derived for that size.
 Readable files of --image_dir are exported, the others are skipped and listed in the log. Each
 map keeps its valid (unpadded) region only. Output: shards of numpy arrays, an index and
-export_info.json, described in qna_detr/evaluation/features.py. Rerunning an interrupted
+export_info.json, described in qna_detr/export/features.py. Rerunning an interrupted
 export with the same arguments continues after its last complete shard.
 """
 import os
@@ -25,14 +25,15 @@ import jax
 import ml_collections
 from ml_collections import config_flags
 
-from qna_detr import models
 from qna_detr import parallel
 from qna_detr.backbones import base
+from qna_detr.backbones import registry
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
-from qna_detr.evaluation import features
+from qna_detr.export import features
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import phases
+from qna_detr.utils import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=False)
@@ -75,7 +76,8 @@ def _checkpoint_path(workdir: str, checkpoint: str | None) -> tuple[str, int | N
   """The checkpoint to read and its training step (None for a msgpack file)."""
   if checkpoint and os.path.isfile(checkpoint):
     return os.path.abspath(checkpoint), None
-  step_dir = checkpoints.find(workdir, checkpoint)
+  step_dir = checkpoints.find(workdir, checkpoint) or checkpoint_io.resolve_step_dir(
+      os.path.join(workdir, checkpoints.SUBDIR))
   return step_dir, int(os.path.basename(step_dir))
 
 
@@ -92,9 +94,9 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
                     shard_size: int) -> int:
   """Runs (or resumes) the export; returns the number of images computed by this call."""
   start = time.time()
-  config = loop.resolve_config(config, workdir)
+  config = phases.prepare(config, workdir)
   _resize_to(config, size)
-  backbone = models.build_backbone(config.model)
+  backbone = registry.build(config.model)
   channels = base.pyramid_levels(backbone)
   levels = _levels(levels, list(channels))
   path, step = _checkpoint_path(workdir, checkpoint)
@@ -114,7 +116,7 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
     return 0
   logging.info('Exporting strides %s of %d images with %s (step %s) to %s', levels,
                dataset.num_examples, path, step, output)
-  params = features.load_backbone_params(backbone, path)
+  params = features.load_backbone_params(backbone, path, config.model.backbone)
   names = (None if source is None and config.dataset.name == 'tfds_coco' else
            {im['id']: im['file_name'] for im in dataset.coco_ground_truth()['images']})
   extract_fn = features.make_extract_fn(backbone, list(channels), levels, dtype)

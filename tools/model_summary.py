@@ -1,7 +1,10 @@
 """Parameters and FLOPs of a backbone variant.
 
   python tools/model_summary.py --backbone=qna_vit_tiny --num_classes=1000 --image_size=224
-  python tools/model_summary.py --backbone=qna_vit_base --image_size=800,1216 --json
+  python tools/model_summary.py --backbone=resnet50 --num_classes=0 --image_size=800,1216 --json
+
+The rows list the backbone's top-level modules, then the classifier's own (its final norm and
+head); they add up to the total.
 """
 import json
 
@@ -10,8 +13,8 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 
+from qna_detr import backbones  # noqa: F401  (registers the backbones)
 from qna_detr.backbones import registry
-from qna_detr.backbones.qna_vit import RELEASED_IMAGENET_PARAMS
 from qna_detr.utils import xla_stats
 
 _BACKBONE = flags.DEFINE_enum('backbone', 'qna_vit_tiny', registry.names(), 'Backbone variant.')
@@ -31,21 +34,26 @@ def _image_shape() -> tuple[int, int]:
 
 
 def summarize(name: str, num_classes: int, image_shape: tuple[int, int], batch: int) -> dict:
+  model_config = {'backbone': name, 'dtype': 'float32'}
   if num_classes:
-    model = registry.build_classifier(name, num_classes)
+    model = registry.build_classifier(model_config, num_classes)
   else:
-    model = registry.build_backbone(name)
+    model = registry.build(model_config)
   images = jnp.zeros((batch, *image_shape, 3), jnp.float32)
   params = jax.eval_shape(model.init, jax.random.key(0), images)['params']
   stats = xla_stats.compiled_stats(lambda p, x: model.apply({'params': p}, x), params, images)
   groups = xla_stats.params_by_group(params['backbone'] if num_classes else params)
+  if num_classes:  # The classifier's own modules after the backbone's.
+    groups.update(xla_stats.params_by_group(
+        {k: v for k, v in params.items() if k != 'backbone'}))
   summary = {
       'backbone': name, 'num_classes': num_classes, 'input_shape': [batch, *image_shape, 3],
       'params': xla_stats.count_params(params), 'flops': stats['flops'],
       'peak_bytes': stats['peak_bytes'], 'params_by_module': groups,
   }
-  if num_classes == 1000 and name in RELEASED_IMAGENET_PARAMS:
-    summary['released_params'] = RELEASED_IMAGENET_PARAMS[name]
+  released = registry.get(name).released_params
+  if num_classes == 1000 and released:
+    summary['released_params'] = released
   return summary
 
 

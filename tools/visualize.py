@@ -30,12 +30,12 @@ import ml_collections
 import numpy as np
 from ml_collections import config_flags
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
-from qna_detr.detr import postprocess
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
+from qna_detr.train import phases
 from qna_detr.visualization import capture
 from qna_detr.visualization import figures
 from qna_detr.visualization import inputs
@@ -70,15 +70,16 @@ def _save(image, output: str, name: str) -> str:
   return path
 
 
-def _draw_example(example: inputs.Example, capture_fn, params, layer: capture.QnALayer,
-                  kinds: Sequence[str], class_names: Sequence[str], options: dict,
-                  output: str) -> list[str]:
+def _draw_example(example: inputs.Example, detector: detectors.DetectorDef, capture_fn, params,
+                  layer: capture.QnALayer, kinds: Sequence[str], class_names: Sequence[str],
+                  options: dict, output: str) -> list[str]:
   """Every asked picture of one image; returns the written paths."""
   outputs, records = capture_fn(params, example.inputs, example.padding_mask)
   written = []
   tag = layer.short_name
   if 'detections' in kinds:
-    detections = jax.device_get(postprocess(outputs, np.asarray([example.orig_size])))
+    detections = jax.device_get(detector.postprocess(outputs, np.asarray([example.orig_size]),
+                                                     options['top_k']))
     detections = {k: v[0] for k, v in detections.items()}
     written.append(_save(figures.detections_figure(
         example, detections, class_names, options['threshold'], options['min_side']),
@@ -105,12 +106,12 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   bad = sorted(set(kinds) - set(KINDS))
   if bad or not kinds:
     raise ValueError(f'--kind={",".join(kinds)}: choose from {KINDS}.')
-  config = loop.resolve_config(config, workdir)
+  config = phases.prepare(config, workdir)
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
-  model = models.build_detr(config.model, dataset.num_classes)
-  abstract = loop.abstract_state(config, model)
-  layers = capture.describe_layers(model, abstract.params)
+  detector = detectors.build(config, dataset.num_classes)
+  abstract = loop.abstract_state(config, detector)
+  layers = capture.describe_layers(detector.module, abstract.params)
   if list_layers:
     for index, item in enumerate(layers.values()):
       print(f'{index}: {item.short_name} ({item.name}): heads {item.heads}, queries '
@@ -119,9 +120,9 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   chosen = capture.select_layer(layers, layer)
   options = dict(heads=capture.select_heads(chosen, heads),
                  query=capture.check_query(chosen, query), threshold=threshold,
-                 min_side=min_side)
-  step_dir = checkpoints.find(workdir, checkpoint)
-  params = checkpoints.restore_state(step_dir, abstract).eval_params
+                 min_side=min_side, top_k=config.eval_top_k)
+  step_dir, state = checkpoints.load_state(workdir, checkpoint, abstract)
+  params = state.eval_params
   logging.info('Drawing %s with %s (layer %s)', kinds, step_dir, chosen.name)
   os.makedirs(output, exist_ok=True)
   names = None
@@ -136,10 +137,10 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
       names[im['id']] = f'{stem}_{im["id"]}' if stem in names.values() else stem
     num_images = len(names)
   examples = inputs.from_split(dataset, num_images, names)
-  capture_fn = capture.make_capture_fn(model)
+  capture_fn = capture.make_capture_fn(detector.module)
   written = []
   for example in examples:
-    written += _draw_example(example, capture_fn, params, chosen, list(kinds),
+    written += _draw_example(example, detector, capture_fn, params, chosen, list(kinds),
                              dataset.class_names, options, output)
   if 'kernels' in kinds:
     written.append(_save(figures.kernel_parameters_figure(

@@ -1,4 +1,4 @@
-"""The contract between backbones and detection heads."""
+"""The contract between backbones and detection heads, and the compute dtypes they take."""
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -14,6 +14,16 @@ class FeatureMap(NamedTuple):
   """
   features: jax.Array  # [B, h, w, C]
   mask: jax.Array  # [B, h, w] bool, True where the position is padding.
+
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """The dtype `config.model.dtype` names; parameters stay float32 whatever it is."""
+  if name not in DTYPES:
+    raise ValueError(f'config.model.dtype must be one of {sorted(DTYPES)}, got {name!r}.')
+  return DTYPES[name]
 
 
 _PROBE = 128  # Side of the input whose output shapes give a backbone's strides.

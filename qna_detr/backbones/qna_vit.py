@@ -7,6 +7,7 @@ downsampling block: strides 4, 8, 16 and 32 for the four-stage variants, with th
 masks.
 """
 import dataclasses
+import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from qna_detr.backbones import base
+from qna_detr.backbones import registry
 from qna_detr.backbones.base import FeatureMap
 from qna_detr.layers import masking
 from qna_detr.layers.blocks import Block
@@ -26,7 +29,7 @@ PATCH = 4
 
 @dataclasses.dataclass(frozen=True)
 class QnAViTSpec:
-  """Per-stage architecture of a QnA-ViT variant (DESIGN.md section 3)."""
+  """Per-stage architecture of a QnA-ViT variant (supplement Table 1)."""
   dims: Sequence[int]
   qna_blocks: Sequence[int]
   qna_heads: Sequence[int]
@@ -144,3 +147,25 @@ class QnAViTClassifier(nn.Module):
     weight = (~last.mask)[..., None].astype(jnp.float32)
     pooled = (x * weight).sum((1, 2)) / jnp.maximum(weight.sum((1, 2)), 1.0)
     return nn.Dense(self.num_classes, name='head')(pooled)
+
+
+def _build(spec: QnAViTSpec, model_config: registry.ModelConfig) -> QnAViT:
+  """Reads `dtype` and `backbone_drop_path` (None: the variant's rate)."""
+  return QnAViT(spec, model_config.get('backbone_drop_path'),
+                base.compute_dtype(model_config.get('dtype', 'float32')))
+
+
+def _build_classifier(spec: QnAViTSpec, model_config: registry.ModelConfig,
+                      num_classes: int) -> QnAViTClassifier:
+  return QnAViTClassifier(spec, num_classes, model_config.get('backbone_drop_path'),
+                          base.compute_dtype(model_config.get('dtype', 'float32')))
+
+
+for _name, _spec in VARIANTS.items():
+  registry.register(_name, registry.BackboneEntry(
+      build=functools.partial(_build, _spec),
+      build_classifier=functools.partial(_build_classifier, _spec),
+      weight_formats=('qna_detr', 'authors'),
+      released_params=RELEASED_IMAGENET_PARAMS.get(_name),
+      description=f'QnA-ViT, dims {tuple(_spec.dims)}, {_spec.qna_kernel} x {_spec.qna_kernel} '
+                  'QnA windows'))

@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from qna_detr.backbones import base
+from qna_detr.backbones import registry
 from qna_detr.backbones.base import FeatureMap
 from qna_detr.layers import masking
 
@@ -147,3 +149,23 @@ class ResNetClassifier(nn.Module):
     pooled = (last.features.astype(jnp.float32) * weight).sum((1, 2))
     pooled = pooled / jnp.maximum(weight.sum((1, 2)), 1.0)
     return nn.Dense(self.num_classes, name='head')(pooled)
+
+
+TORCHVISION_RESNET50_PARAMS = 25_557_032  # With its 1000-class head.
+
+
+def _build(model_config: registry.ModelConfig) -> ResNet:
+  """Reads `dtype`."""
+  return ResNet(dtype=base.compute_dtype(model_config.get('dtype', 'float32')))
+
+
+def _build_classifier(model_config: registry.ModelConfig, num_classes: int) -> ResNetClassifier:
+  return ResNetClassifier(num_classes,
+                          dtype=base.compute_dtype(model_config.get('dtype', 'float32')))
+
+
+registry.register('resnet50', registry.BackboneEntry(
+    build=_build, build_classifier=_build_classifier,
+    weight_formats=('qna_detr', 'torchvision'), frozen=frozen_param,
+    released_params=TORCHVISION_RESNET50_PARAMS,
+    description='ResNet-50 with frozen batch norm (DETR\'s backbone)'))

@@ -32,14 +32,14 @@ from qna_detr.data import transforms
 
 Batch = dict[str, np.ndarray]
 Example = sources.Example
-NAMES = ('coco_folder', 'tfds_coco', 'toy')
+NAMES = ('coco_folder', 'tfds_coco')
 
 
 def default_config() -> ml_collections.ConfigDict:
   """DETR's COCO settings, reading TFDS `coco/2017` (the `config.dataset` sub-config)."""
   return ml_collections.ConfigDict({
       'name': 'tfds_coco',  # One of NAMES.
-      'data_dir': '',  # TFDS data_dir ('' for TFDS's default), or the toy dataset's folder.
+      'data_dir': '',  # TFDS data_dir ('' for TFDS's default).
       'tfds_name': 'coco/2017',
       'train_split': 'train',
       'val_split': 'validation',
@@ -68,16 +68,16 @@ def default_config() -> ml_collections.ConfigDict:
       'bucket_sample_size': 2000,
       'shuffle_buffer': 2000,
       'prefetch': 2,  # Batches; -1 for tf.data's autotuning.
-      'toy': {'num_train': 1000, 'num_val': 100, 'image_size': 128, 'seed': 0},
   })
 
 
-def toy_config(data_dir: str, image_size: int = 128) -> ml_collections.ConfigDict:
-  """The synthetic dataset in data_dir (made on first use), with DETR's sizes scaled down."""
+def toy_config(data_dir: str = '', image_size: int = 128) -> ml_collections.ConfigDict:
+  """The synthetic dataset as a COCO folder (`toy.paths(data_dir)`; '' = paths to be set when
+  the set is made), with DETR's sizes scaled down to `image_size`."""
   config = default_config()
-  config.name = 'toy'
-  config.data_dir = data_dir
-  config.toy.image_size = image_size
+  config.name = 'coco_folder'
+  if data_dir:
+    config.update(toy.paths(data_dir))
   scale = image_size / 800
   config.train_scales = tuple(sorted({int(round(s * scale / 8)) * 8 for s in range(480, 801, 64)}))
   config.train_max_size = config.eval_max_size = int(round(1333 * scale))
@@ -157,17 +157,12 @@ def _make_source(cfg: ml_collections.ConfigDict, prefix: str, shuffle_seed: int 
   if cfg.name == 'tfds_coco':
     return sources.tfds_coco(cfg.tfds_name, cfg[f'{prefix}_split'], data_dir=cfg.data_dir or None,
                              shuffle_seed=shuffle_seed, **shard)
-  if cfg.name == 'toy':
-    if not cfg.data_dir:
-      raise ValueError("config.dataset.data_dir must name the toy dataset's folder")
-    folder = toy.ensure_toy_coco(cfg.data_dir, **cfg.toy)
-  elif cfg.name == 'coco_folder':
-    folder = {k: cfg[k] for k in (f'{prefix}_json', f'{prefix}_images')}
-    unset = [k for k, v in folder.items() if not v]
-    if unset:
-      raise ValueError(f'config.dataset.{unset[0]} must be set for a coco_folder dataset')
-  else:
+  if cfg.name != 'coco_folder':
     raise ValueError(f'Unknown config.dataset.name {cfg.name!r}; expected one of {NAMES}')
+  folder = {k: cfg[k] for k in (f'{prefix}_json', f'{prefix}_images')}
+  unset = [k for k, v in folder.items() if not v]
+  if unset:
+    raise ValueError(f'config.dataset.{unset[0]} must be set for a coco_folder dataset')
   return sources.coco_folder(folder[f'{prefix}_json'], folder[f'{prefix}_images'],
                              skip_bad_examples=cfg.skip_bad_examples, **shard)
 

@@ -11,11 +11,12 @@ does not depend on how many others are made.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 import tempfile
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -226,6 +227,21 @@ def _check_params(train_json: str, params: dict[str, int]) -> None:
   wanted = ', '.join(f'{k}={new}' for k, (_, new) in differ.items())
   made = (', '.join(f'{k}={old}' for k, (old, _) in differ.items()) if made_with
           else 'arguments it does not record (an older version made it)')
-  raise ValueError(f'The toy dataset in {folder} was made with {made}, but config.dataset.toy '
+  raise ValueError(f'The toy dataset in {folder} was made with {made}, but config.toy_data '
                    f'asks for {wanted}: delete that folder to make the new one, or set '
-                   f'config.dataset.data_dir elsewhere.')
+                   f'config.toy_data.data_dir elsewhere.')
+
+
+def prepare(config: Any, workdir: str) -> Any:
+  """Where `config.toy_data` asks for the toy set: makes it (in `toy_data.data_dir`, default
+  WORKDIR/toy_coco) unless it is there, and points the COCO folder of `config.dataset` at it.
+  Other configs are returned as they are."""
+  toy_data = config.get('toy_data')
+  if not toy_data:
+    return config
+  data_dir = toy_data.data_dir or os.path.join(workdir, 'toy_coco')
+  made = ensure_toy_coco(data_dir, num_train=toy_data.num_train, num_val=toy_data.num_val,
+                         image_size=toy_data.image_size, seed=toy_data.seed)
+  config = copy.deepcopy(config)
+  config.dataset.update(name='coco_folder', **made)
+  return config

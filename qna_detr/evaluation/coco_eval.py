@@ -4,7 +4,7 @@ import copy
 import io
 import json
 import os
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from pycocotools.coco import COCO
@@ -91,3 +91,29 @@ def _plain(value):
   if isinstance(value, np.ndarray):
     return value.tolist()
   return value
+
+
+def to_coco_results(detections: Mapping[str, Any], image_ids: Sequence[int],
+                    label_to_category_id: Sequence[int]) -> list[dict[str, Any]]:
+  """Turns a detector's post-processed detections (on the host) into COCO result dicts.
+
+  Args:
+    detections: 'scores' `[B, K]`, 'labels' `[B, K]`, 'boxes' `[B, K, 4]` xywh.
+    image_ids: the COCO image id of each of the B images.
+    label_to_category_id: the COCO category id of each contiguous label.
+
+  Returns:
+    One `{'image_id', 'category_id', 'bbox', 'score'}` dict per detection, plain Python types.
+  """
+  scores, labels, boxes = (np.asarray(detections[k]) for k in ('scores', 'labels', 'boxes'))
+  if len(image_ids) != scores.shape[0]:
+    raise ValueError(f'image_ids has {len(image_ids)} entries for a batch of {scores.shape[0]}')
+  category_ids = np.asarray(label_to_category_id)
+  if labels.size and labels.max() >= len(category_ids):
+    raise ValueError(f'label_to_category_id has {len(category_ids)} entries but a detection '
+                     f'has label {labels.max()}')
+  return [{'image_id': int(image_id), 'category_id': int(category_ids[label]),
+           'bbox': [float(v) for v in box], 'score': float(score)}
+          for image_id, image_scores, image_labels, image_boxes
+          in zip(image_ids, scores, labels, boxes)
+          for score, label, box in zip(image_scores, image_labels, image_boxes)]

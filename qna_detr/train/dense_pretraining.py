@@ -1,17 +1,20 @@
 """Dense pretraining of the backbone on class maps and box edges drawn from the training boxes.
 
 The paper's DETR fine-tunes an ImageNet-pretrained QnA-ViT. Where no such checkpoint exists
-(the synthetic toy set, a new backbone variant), this phase is the stand-in: before DETR
+(the synthetic toy set, a new backbone variant), this phase stands in for it: before DETR
 trains, the backbone learns, for every sub-cell of the feature map DETR reads, which classes
 have a box covering that sub-cell's centre (one sigmoid per class) and how far that box's
 edges are (FCOS's regression targets, weighted by `edge_weight`), on the same training split
 and input pipeline. Sub-cells finer than the feature stride (`upsample` per side) make the
 features say where inside a cell an object's edges fall, which DETR's box regression reads.
-The result is written as WORKDIR/backbone_pretraining/<steps>, in the format
-`config.pretrained.path` reads, and reused when present.
+
+A phase of its own (`tools/pretrain_backbone.py`, or before training when
+`config.backbone_pretraining.steps > 0`): it checkpoints into WORKDIR/backbone_pretraining
+(a killed phase resumes), and its last checkpoint is the `config.pretrained.path` DETR
+starts from. A finished phase is reused only by a config with the same settings.
 """
+import json
 import os
-import time
 from typing import Any, Callable
 
 from absl import logging
@@ -21,14 +24,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-import orbax.checkpoint as ocp
 
-from qna_detr import models
 from qna_detr import parallel
 from qna_detr.backbones import base
+from qna_detr.backbones import registry as backbones
 from qna_detr.data import batching
-from qna_detr.data.pipeline import DetectionDataset
-from qna_detr.train import steps
+from qna_detr.train import checkpoints
+from qna_detr.train import loop
+from qna_detr.train import train_step
 
 Array = jax.Array
 BATCH_KEYS = ('inputs', 'padding_mask', 'boxes', 'labels', 'box_mask', 'size')
@@ -111,21 +114,15 @@ class DenseHeads(nn.Module):
             _depth_to_space(edges.astype(jnp.float32), u), mask)
 
 
-def make_step(model: DenseHeads, tx: optax.GradientTransformation, cell_size: float,
-              edge_weight: float) -> Callable:
-  """(params, opt_state, batch, rng, step) -> (params, opt_state, metrics) over the global
-  batch; the step number is folded into rng for dropout and drop path.
-
-  The loss: the class maps' binary cross-entropy, mean over classes and real sub-cells, plus
-  `edge_weight` times the L1 distance of the edges, mean over coordinates and the real
-  sub-cells inside a box.
-  """
-  def loss_fn(params, batch, rng):
-    logits, edges, mask = model.apply({'params': params}, batch['inputs'],
-                                      batch['padding_mask'], train=True, rngs={'dropout': rng})
+def make_loss(num_classes: int, cell_size: float, edge_weight: float) -> Callable:
+  """(outputs, batch) -> (loss, metrics): the class maps' binary cross-entropy, mean over
+  classes and real sub-cells, plus `edge_weight` times the L1 distance of the edges, mean over
+  coordinates and the real sub-cells inside a box."""
+  def loss(outputs, batch):
+    logits, edges, mask = outputs
     grid = logits.shape[1:3]
     targets = box_class_maps(batch['boxes'], batch['labels'], batch['box_mask'], batch['size'],
-                             grid, cell_size, model.num_classes)
+                             grid, cell_size, num_classes)
     target_edges, inside = box_edge_targets(batch['boxes'], batch['box_mask'], batch['size'],
                                             grid, cell_size)
     valid = (~mask).astype(jnp.float32)
@@ -137,87 +134,119 @@ def make_step(model: DenseHeads, tx: optax.GradientTransformation, cell_size: fl
     exact = ((logits > 0) == (targets > 0.5)).all(-1)
     return bce + edge_weight * edge_l1, {'class_bce': bce, 'edge_l1': edge_l1,
                                          'cells_exact': (exact * valid).sum() / count}
-
-  def step(params, opt_state, batch, rng, step_number):
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        params, batch, jax.random.fold_in(rng, step_number))
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, {'loss': loss, **metrics}
-
-  return step
+  return loss
 
 
-def checkpoint_path(workdir: str, config: ml_collections.ConfigDict) -> str:
-  return os.path.join(os.path.abspath(workdir), SUBDIR, str(config.backbone_pretraining.steps))
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """The phase's keys, before anything runs; errors name the key."""
+  cfg = config.backbone_pretraining
+  if cfg.steps > 0 and config.pretrained.path:
+    raise ValueError('config.backbone_pretraining.steps > 0 and config.pretrained.path are both '
+                     'set: the backbone starts either from a checkpoint or from its own dense '
+                     'pretraining; set one.')
+  if cfg.steps > 0 and not 0 <= cfg.warmup_steps < cfg.steps:
+    raise ValueError(f'config.backbone_pretraining.warmup_steps={cfg.warmup_steps} must be in '
+                     f'[0, config.backbone_pretraining.steps={cfg.steps}).')
+  if cfg.edge_weight < 0:
+    raise ValueError(f'config.backbone_pretraining.edge_weight={cfg.edge_weight} must be >= 0 '
+                     '(0: class maps only).')
 
 
-def pretrain_backbone(config: ml_collections.ConfigDict, train_ds: DetectionDataset,
-                      mesh: jax.sharding.Mesh, workdir: str,
-                      writer: metric_writers.MetricWriter) -> str:
-  """Runs the phase unless its checkpoint exists; returns the checkpoint's path.
+def phase_dir(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), SUBDIR)
+
+
+def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """What the phase's result depends on: a finished phase is reused only if these match."""
+  return json.loads(json.dumps({
+      'backbone_pretraining': config.backbone_pretraining.to_dict(),
+      'model': {k: config.model[k] for k in ('backbone', 'dtype', 'feature_level')},
+      'dataset': config.dataset.to_dict(), 'batch_size': config.batch_size,
+      'rng_seed': config.rng_seed}))
+
+
+def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
+  """{'a.b': leaf} of nested dicts."""
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  return {name: leaf for key, value in tree.items()
+          for name, leaf in _flatten(value, f'{prefix}.{key}' if prefix else key).items()}
+
+
+def _check_settings(directory: str, settings: dict[str, Any]) -> None:
+  """Records the settings of a new phase, or refuses a phase made with other settings."""
+  path = os.path.join(directory, 'settings.json')
+  if os.path.exists(path):
+    with open(path) as f:
+      made = json.load(f)
+    new, old = _flatten(settings), _flatten(made)
+    differ = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+    if differ:
+      raise ValueError(f'{directory} holds a backbone pretraining made with other settings '
+                       f'(config.{", config.".join(differ[:6])}): delete it to pretrain anew, '
+                       'or use another workdir')
+    return
+  os.makedirs(directory, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(path, 'w') as f:
+      json.dump(settings, f, indent=1)
+
+
+def run(config: ml_collections.ConfigDict, workdir: str,
+        writer: metric_writers.MetricWriter) -> str:
+  """Runs (or resumes, or reuses) the phase; returns the step directory of its result.
 
   Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, upsample,
-  edge_weight),
-  config.model (backbone, dtype, feature_level) and config.rng_seed.
+  edge_weight), config.model (backbone and its keys, dtype, feature_level), the training
+  split of config.dataset, config.batch_size, rng_seed, log_every_steps,
+  checkpoint_every_steps.
   """
   cfg = config.backbone_pretraining
-  path = checkpoint_path(workdir, config)
-  manager = ocp.CheckpointManager(os.path.dirname(path),
-                                  options=ocp.CheckpointManagerOptions(create=True))
-  if cfg.steps in manager.all_steps():
-    manager.close()
-    logging.info('Backbone pretraining: reusing %s', path)
-    return path
-  backbone = models.build_backbone(config.model)
+  directory = phase_dir(workdir)
+  _check_settings(directory, _settings(config))
+  checkpointer = checkpoints.Checkpointer(directory, keep=2)
+  result = os.path.join(checkpointer.directory, str(cfg.steps))
+  if checkpointer.latest_step() == cfg.steps:
+    checkpointer.close()
+    logging.info('Backbone pretraining: reusing %s', result)
+    return result
+  train_ds, _ = loop.build_datasets(config)
+  backbone = backbones.build(config.model)
   stride = list(base.pyramid_levels(backbone))[config.model.feature_level]
   model = DenseHeads(backbone, train_ds.num_classes, cfg.upsample, config.model.feature_level)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
   tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
-  init_rng, rng = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(config.rng_seed), 1))
-  replicated, batch_sharding = parallel.replicated(mesh), parallel.batch_sharding(mesh)
-  params = jax.jit(lambda key: _init(model, key, train_ds.bucket_shapes[0]),
-                   out_shardings=replicated)(init_rng)
-  opt_state = jax.jit(tx.init, out_shardings=replicated)(params)
-  step_fn = jax.jit(make_step(model, tx, stride / cfg.upsample, cfg.edge_weight),
-                    in_shardings=(replicated, replicated, batch_sharding, replicated, replicated),
-                    out_shardings=(replicated, replicated, replicated), donate_argnums=(0, 1))
+  mesh = parallel.data_mesh()
+  replicated = parallel.replicated(mesh)
+  state = jax.jit(lambda key: train_step.create_state(
+      lambda k: _init(model, k, train_ds.bucket_shapes[0]), tx, key),
+                  out_shardings=replicated)(jax.random.fold_in(
+                      jax.random.PRNGKey(config.rng_seed), 1))
+  iterator = iter(train_ds.tf_dataset)
+  if checkpointer.latest_step() is not None:
+    state = checkpointer.restore(state, iterator)
+    logging.info('Backbone pretraining: resumed from step %d', int(state.step))
+  step = train_step.make_train_step(
+      model, make_loss(train_ds.num_classes, stride / cfg.upsample, cfg.edge_weight), tx,
+      {'all': schedule})
+  step_fn = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                    out_shardings=(replicated, replicated), donate_argnums=0)
   logging.info('Backbone pretraining: %d steps of dense class maps and box edges (weight %g) '
                'at stride %g (%s, feature stride %d)', cfg.steps, cfg.edge_weight,
                stride / cfg.upsample, config.model.backbone, stride)
-  params = _run(step_fn, params, opt_state, rng, train_ds, batch_sharding, cfg.steps,
-                schedule, config.log_every_steps, writer, mesh)
-  manager.save(cfg.steps, args=ocp.args.StandardSave({'params': params}))
-  manager.wait_until_finished()
-  manager.close()
-  logging.info('Backbone pretraining: saved %s', path)
-  return path
+  sharding = parallel.batch_sharding(mesh)
+  steps_loop = loop.StepLoop(total_steps=cfg.steps, batch_size=config.batch_size,
+                             log_every=config.log_every_steps,
+                             checkpoint_every=config.checkpoint_every_steps,
+                             checkpointer=checkpointer, writer=writer, name=SUBDIR)
+  loop.run_steps(step_fn, state,
+                 lambda: batching.next_global_batch(iterator, sharding, BATCH_KEYS), iterator,
+                 steps_loop, mesh)
+  checkpointer.close()
+  logging.info('Backbone pretraining: saved %s', result)
+  return result
 
 
 def _init(model: DenseHeads, key: Array, image_shape: tuple[int, int]) -> Any:
   images = jnp.zeros((1, *image_shape, 3), jnp.float32)
   return model.init(key, images, jnp.zeros(images.shape[:3], bool), train=False)['params']
-
-
-def _run(step_fn: Callable, params: Any, opt_state: Any, rng: Array,
-         train_ds: DetectionDataset, batch_sharding: jax.sharding.Sharding, num_steps: int,
-         schedule: Callable, log_every: int, writer: metric_writers.MetricWriter,
-         mesh: jax.sharding.Mesh) -> Any:
-  """The phase's loop, logging loss, exact-cell fraction, lr, speed and ETA."""
-  iterator = iter(train_ds.tf_dataset)
-  history, start = [], time.time()
-  with jax.set_mesh(mesh):
-    for step in range(1, num_steps + 1):
-      batch = batching.next_global_batch(iterator, batch_sharding, BATCH_KEYS)
-      params, opt_state, metrics = step_fn(params, opt_state, batch, rng, step)
-      history.append(metrics)
-      if step % log_every == 0 or step == num_steps:
-        scalars = steps.mean_metrics(history)
-        history = []
-        rate = step / (time.time() - start)
-        logging.info('Backbone pretraining step %d/%d: loss %.4f (class %.4f, edges %.4f), '
-                     'cells exact %.3f, lr %.2e, %.1f steps/s, ETA %.0fs', step, num_steps,
-                     scalars['loss'], scalars['class_bce'], scalars['edge_l1'],
-                     scalars['cells_exact'], float(schedule(step)), rate,
-                     (num_steps - step) / rate)
-        writer.write_scalars(step, {f'backbone_pretraining/{k}': v for k, v in scalars.items()})
-  return params

@@ -1,15 +1,15 @@
 """The frozen backbone's features of every training image, computed once and kept in memory.
 
-With `config.optimizer.freeze_backbone` the backbone is a constant function of its input, so
-the DETR steps can read its features instead of running it: on the toy config (2-core CPU) a
-step then takes about 30 ms instead of 60 (the backbone's forward pass and the augmenting
-input pipeline, which competes with XLA for the cores, are gone). The price is the
+With a frozen backbone (`config.optimizer.freeze_backbone`) the backbone is a constant function
+of its input, so the train steps can read its features instead of running it, and the
+augmenting input pipeline no longer competes with the steps for the host. The price is the
 augmentation: the cache holds each training image and its horizontal flip, resized as for
-evaluation, so DETR's random multi-scale resize and crop are given up. Features are those of
-the backbone in inference mode (no stochastic depth), in float32.
+evaluation, so DETR's random multi-scale resize and crop are given up; and the memory: it
+needs one padded shape for all images (small, fixed-size data such as the toy set). Features
+are those of the backbone in inference mode (no stochastic depth), in float32.
 
-The cache is rebuilt from the (frozen) backbone at the start of every run, and a step's batch
-is a function of the seed and the step number alone, so a resumed run reads the batches an
+The cache is rebuilt from the frozen backbone at the start of every run, and a step's batch is
+a function of the seed and the step number alone, so a resumed run reads the batches an
 uninterrupted one would.
 """
 from collections.abc import Iterator
@@ -18,50 +18,22 @@ import functools
 import time
 
 from absl import logging
-import flax.linen as nn
 import jax
+import ml_collections
 import numpy as np
 
 from qna_detr import parallel
-from qna_detr.backbones import base
 from qna_detr.data import batching
+from qna_detr.data import pipeline
 from qna_detr.data.pipeline import DetectionDataset
-from qna_detr.detr import DETR
-from qna_detr.train.steps import TARGET_KEYS
-
-Array = jax.Array
-
-
-class CachedFeatures(nn.Module):
-  """Stands in for the backbone: its 'images' are the cached feature maps themselves."""
-
-  @nn.compact
-  def __call__(self, features: Array, padding_mask: Array, *, train: bool
-               ) -> list[base.FeatureMap]:
-    del train
-    return [base.FeatureMap(features, padding_mask)]
-
-
-def head_model(model: DETR) -> DETR:
-  """`model` reading feature maps (as 'images') where it ran its backbone."""
-  return model.clone(backbone=CachedFeatures(), feature_level=-1)
-
-
-def backbone_features(model: DETR, backbone_params, images: Array, padding_mask: Array
-                      ) -> base.FeatureMap:
-  """The feature map `model` reads, computed by its backbone in inference mode."""
-  return model.backbone.apply({'params': backbone_params}, images, padding_mask,
-                              train=False)[model.feature_level]
-
+from qna_detr.detectors import DetectorDef
 
 @dataclasses.dataclass(frozen=True)
 class FeatureCache:
   """Feature maps with their masks and targets, one entry per (image, flip)."""
   features: np.ndarray  # [N, h, w, C] float32
   padding_mask: np.ndarray  # [N, h, w] bool
-  boxes: np.ndarray  # [N, max_boxes, 4] normalized (cx, cy, w, h)
-  labels: np.ndarray  # [N, max_boxes] int32
-  box_mask: np.ndarray  # [N, max_boxes] bool
+  targets: dict[str, np.ndarray]  # The detector's target keys, each [N, ...].
 
   def __len__(self) -> int:
     return len(self.features)
@@ -77,7 +49,7 @@ class FeatureCache:
     epoch, index = divmod(step - 1, per_epoch)
     rows = _epoch_order(len(self), seed, epoch)[index * batch_size:(index + 1) * batch_size]
     return {'inputs': self.features[rows], 'padding_mask': self.padding_mask[rows],
-            **{k: getattr(self, k)[rows] for k in TARGET_KEYS}}
+            **{k: v[rows] for k, v in self.targets.items()}}
 
 
 @functools.lru_cache(maxsize=2)
@@ -87,7 +59,8 @@ def _epoch_order(size: int, seed: int, epoch: int) -> np.ndarray:
 
 
 def flip_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  """The batch's images mirrored left-right inside their unpadded extent, and their boxes."""
+  """The batch's images mirrored left-right inside their unpadded extent, and their boxes
+  (normalized cxcywh, with `box_mask`)."""
   images = batch['inputs'].copy()
   for image, (_, width) in zip(images, batch['size']):
     image[:, :width] = image[:, :width][:, ::-1]
@@ -96,7 +69,13 @@ def flip_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {**batch, 'inputs': images, 'boxes': boxes}
 
 
-def build(model: DETR, backbone_params, dataset: DetectionDataset) -> FeatureCache:
+def images_of_training_split(config: ml_collections.ConfigDict) -> DetectionDataset:
+  """The training split in evaluation order and transform: what the cache holds."""
+  return pipeline.build_dataset(config, split='train', shuffle_seed=0, train=False,
+                                global_batch_size=config.eval_batch_size)
+
+
+def build(detector: DetectorDef, backbone_params, dataset: DetectionDataset) -> FeatureCache:
   """Runs the backbone once over `dataset` (this process's part of the training split, in
   evaluation order and transform), each image as it is and flipped, on this process's
   devices."""
@@ -105,9 +84,8 @@ def build(model: DETR, backbone_params, dataset: DetectionDataset) -> FeatureCac
                      f'has {len(dataset.bucket_shapes)} (config.dataset.eval_bucket_shapes)')
   mesh = parallel.data_mesh(jax.local_devices())
   sharding = parallel.batch_sharding(mesh)
-  forward = jax.jit(functools.partial(backbone_features, model),
-                    out_shardings=parallel.replicated(mesh))
-  parts = {k: [] for k in ('features', 'padding_mask', *TARGET_KEYS)}
+  forward = jax.jit(detector.backbone_features, out_shardings=parallel.replicated(mesh))
+  parts = {k: [] for k in ('features', 'padding_mask', *detector.target_keys)}
   start = time.time()
   for batch in dataset.iterator():
     keep = batch['valid']
@@ -118,9 +96,10 @@ def build(model: DETR, backbone_params, dataset: DetectionDataset) -> FeatureCac
                                            arrays['padding_mask']))
       parts['features'].append(np.asarray(feature_map.features, np.float32)[keep])
       parts['padding_mask'].append(np.asarray(feature_map.mask)[keep])
-      for key in TARGET_KEYS:
+      for key in detector.target_keys:
         parts[key].append(view[key][keep])
-  cache = FeatureCache(**{k: np.concatenate(v) for k, v in parts.items()})
+  arrays = {k: np.concatenate(v) for k, v in parts.items()}
+  cache = FeatureCache(arrays.pop('features'), arrays.pop('padding_mask'), arrays)
   logging.info('Feature cache: %d entries of %s, %.0f MB, built in %.0fs', len(cache),
                cache.features.shape[1:], cache.features.nbytes / 2**20, time.time() - start)
   return cache

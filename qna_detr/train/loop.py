@@ -1,14 +1,16 @@
-"""train_and_evaluate: the whole run behind `projects/qna_detr/main.py`.
+"""Training a detector: the config checks, the state, the step loop, and `train_and_evaluate`.
 
-Data parallel over every device of every process; resumes from the workdir's latest
+Data parallel over every device of every process; resumes from the workdir's newest intact
 checkpoint (train state and data iterator); logs losses, learning rates, gradient norm, step
 time and images/s to the CLU writer; evaluates with pycocotools every `eval_every_epochs` and
-at the end, writing WORKDIR/metrics.json.
+at the end, writing WORKDIR/metrics.json. `run_steps` is the step loop, shared with the
+backbone's dense pretraining.
 """
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+import dataclasses
 import os
 import time
-from typing import Any
+from typing import Any, Optional
 
 from absl import logging
 from clu import metric_writers
@@ -16,52 +18,43 @@ from clu import periodic_actions
 import jax
 import ml_collections
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr import parallel
-from qna_detr.backbones import pretrained
-from qna_detr.backbones import registry
-from qna_detr.data import batching
+from qna_detr.backbones import base
+from qna_detr.backbones import registry as backbones
+from qna_detr.backbones import weights
 from qna_detr.data import pipeline
-from qna_detr.detr import HungarianMatcher, LossWeights
+from qna_detr.detectors import DetectorDef
 from qna_detr.evaluation import coco_eval
-from qna_detr.evaluation import inference
+from qna_detr.evaluation import predict
 from qna_detr.train import checkpoints
-from qna_detr.train import dense_pretraining
-from qna_detr.train import feature_cache
+from qna_detr.train import inputs
 from qna_detr.train import optimizer
-from qna_detr.train import steps
+from qna_detr.train import train_step
 
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """Checks the keys a run cannot start without, and fills workdir-relative defaults."""
+def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config`, checked for what a run cannot start without; errors name the key."""
   config = ml_collections.ConfigDict(config.to_dict())
-  if config.model.backbone not in registry.names():
-    raise ValueError(f'config.model.backbone={config.model.backbone!r} is not a registered '
-                     f'backbone; choose one of {registry.names()}.')
-  models.compute_dtype(config.model.dtype)
+  if config.model.name not in detectors.names():
+    raise ValueError(f'config.model.name={config.model.name!r} is not a registered detector; '
+                     f'choose one of {detectors.names()}.')
+  backbones.get(config.model.backbone)
+  base.compute_dtype(config.model.dtype)
   if not 1 <= config.eval_top_k <= config.model.num_queries:
     raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
                      f'config.model.num_queries={config.model.num_queries}].')
-  if config.cache_backbone_features and not config.optimizer.freeze_backbone:
-    raise ValueError('config.cache_backbone_features needs config.optimizer.freeze_backbone: '
-                     'the features of a backbone that trains change every step.')
+  if config.train_input not in inputs.SOURCES:
+    raise ValueError(f'config.train_input must be one of {sorted(inputs.SOURCES)}, got '
+                     f'{config.train_input!r}.')
+  if config.train_input == 'cached_features' and not config.optimizer.freeze_backbone:
+    raise ValueError("config.train_input='cached_features' needs "
+                     'config.optimizer.freeze_backbone: the features of a backbone that trains '
+                     'change every step.')
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f'config.ema_decay={config.ema_decay} must be in [0, 1) (0: no average).')
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
-  pretraining = config.backbone_pretraining
-  if pretraining.steps > 0 and config.pretrained.path:
-    raise ValueError('config.backbone_pretraining.steps > 0 and config.pretrained.path are both '
-                     'set: the backbone starts either from a checkpoint or from its own dense '
-                     'pretraining; set one.')
-  if pretraining.steps > 0 and not 0 <= pretraining.warmup_steps < pretraining.steps:
-    raise ValueError(f'config.backbone_pretraining.warmup_steps={pretraining.warmup_steps} must '
-                     f'be in [0, config.backbone_pretraining.steps={pretraining.steps}).')
-  if pretraining.edge_weight < 0:
-    raise ValueError(f'config.backbone_pretraining.edge_weight={pretraining.edge_weight} must '
-                     'be >= 0 (0: class maps only).')
-  if config.dataset.name == 'toy' and not config.dataset.data_dir:
-    config.dataset.data_dir = os.path.join(workdir, 'toy_coco')
   return config
 
 
@@ -73,129 +66,152 @@ def build_datasets(config: ml_collections.ConfigDict):
   return train_ds, val_ds
 
 
-def build_matcher(config: ml_collections.ConfigDict) -> HungarianMatcher:
-  m = config.matcher
-  return HungarianMatcher(cost_class=m.cost_class, cost_bbox=m.cost_bbox, cost_giou=m.cost_giou,
-                          solver=m.solver, batch_axis=parallel.BATCH_AXIS)
+def create_state(config: ml_collections.ConfigDict, detector: DetectorDef, tx, key: jax.Array,
+                 image_shape: Sequence[int]) -> train_step.TrainState:
+  """The initial train state of this config (with a moving average if it keeps one)."""
+  return train_step.create_state(lambda k: detector.init(k, image_shape), tx, key,
+                                 ema=config.ema_decay > 0)
 
 
-def jit_train_step(config: ml_collections.ConfigDict, model, tx, schedules,
-                   mesh: jax.sharding.Mesh):
+def abstract_state(config: ml_collections.ConfigDict,
+                   detector: DetectorDef) -> train_step.TrainState:
+  """The train state's shapes and dtypes, computed without running: what a checkpoint of
+  this config restores into."""
+  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1,
+                                    mask=frozen_mask(config, detector))
+  return jax.eval_shape(lambda key: create_state(config, detector, tx, key, (64, 64)),
+                        jax.random.PRNGKey(0))
+
+
+def frozen_mask(config: ml_collections.ConfigDict, detector: DetectorDef) -> Any:
+  """Which parameters stay fixed: the frozen backbone and what the detector keeps fixed."""
+  params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
+  return optimizer.frozen_mask(params, config, detector.frozen)
+
+
+def jit_train_step(config: ml_collections.ConfigDict, detector: DetectorDef, tx, schedules,
+                   mask: Any, mesh: jax.sharding.Mesh):
   """The train step, jitted for a replicated state and a batch split over `mesh`."""
   replicated = parallel.replicated(mesh)
-  step = steps.make_train_step(model, tx, build_matcher(config), LossWeights(**config.loss),
-                               schedules, config.optimizer.freeze_backbone, config.ema_decay)
+  step = train_step.make_train_step(detector.module, detector.loss, tx, schedules, mask,
+                                    config.ema_decay)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
 
 
-def batch_source(config: ml_collections.ConfigDict, model, params, iterator, first_step: int,
-                 sharding: jax.sharding.Sharding) -> tuple[Callable[[], dict], Any]:
-  """(next global batch, the step's model) for the steps from `first_step` on: the training
-  iterator's batches through `model`, or, with config.cache_backbone_features, batches of
-  cached backbone features through `model` minus its backbone."""
-  if not config.cache_backbone_features:
-    return lambda: batching.next_global_batch(iterator, sharding, steps.BATCH_KEYS), model
-  images = pipeline.build_dataset(config, split='train', shuffle_seed=0, train=False,
-                                  global_batch_size=config.eval_batch_size)
-  cache = feature_cache.build(model, jax.device_get(params[optimizer.BACKBONE]), images)
-  batches = feature_cache.batches(cache, first_step, config.batch_size // jax.process_count(),
-                                  config.rng_seed)
-  return (lambda: batching.to_global_arrays(next(batches), sharding),
-          feature_cache.head_model(model))
+@dataclasses.dataclass
+class StepLoop:
+  """How `run_steps` runs: steps, intervals, and where it saves and logs."""
+  total_steps: int
+  batch_size: int  # Global; for images/s.
+  log_every: int
+  checkpoint_every: int
+  checkpointer: checkpoints.Checkpointer
+  writer: metric_writers.MetricWriter
+  name: str = 'train'  # Prefix of the logged scalars' tags (none for 'train').
+  # Called as callback(step, state) after the steps it is due, but not after the last one.
+  periodic: Sequence[tuple[int, Callable[[int, Any], None]]] = ()
 
 
-def create_state(config: ml_collections.ConfigDict, model, tx, key: jax.Array,
-                 image_shape: tuple[int, int]) -> steps.TrainState:
-  """The initial train state of this config (with a moving average if it keeps one)."""
-  return steps.create_state(model, tx, key, image_shape, ema=config.ema_decay > 0)
+def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
+              iterator: Optional[Any], loop: StepLoop, mesh: jax.sharding.Mesh) -> Any:
+  """Runs `step_fn` from the state's step to `loop.total_steps`; returns the last state.
+
+  Logs the mean metrics, step time and images/s every `log_every` steps, saves the state
+  (with `iterator`) every `checkpoint_every` steps and at the end.
+  """
+  start_step = int(state.step)
+  prefix = '' if loop.name == 'train' else f'{loop.name}/'
+  report = periodic_actions.ReportProgress(num_train_steps=loop.total_steps, writer=loop.writer,
+                                           every_secs=60)
+  history, last_log = [], (start_step, time.time())
+  with jax.set_mesh(mesh):
+    for step in range(start_step + 1, loop.total_steps + 1):
+      with jax.profiler.StepTraceAnnotation(loop.name, step_num=step):
+        state, metrics = step_fn(state, next_batch())
+      history.append(metrics)
+      report(step)
+      last = step == loop.total_steps
+      if step % loop.log_every == 0 or last:
+        scalars = train_step.mean_metrics(history)
+        seconds = (time.time() - last_log[1]) / (step - last_log[0])
+        scalars.update(step_time_s=seconds, images_per_s=loop.batch_size / seconds)
+        loop.writer.write_scalars(step, {prefix + k: v for k, v in scalars.items()})
+        history, last_log = [], (step, time.time())
+      if step % loop.checkpoint_every == 0 or last:
+        loop.checkpointer.save(step, state, iterator)
+      for every, callback in loop.periodic:
+        if step % every == 0 and not last:
+          callback(step, state)
+  return state
 
 
-def abstract_state(config: ml_collections.ConfigDict, model) -> steps.TrainState:
-  """The train state's shapes and dtypes, computed without running: what a checkpoint of
-  this config restores into (`checkpoints.restore_state`)."""
-  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1)
-  return jax.eval_shape(lambda key: create_state(config, model, tx, key, (64, 64)),
-                        jax.random.PRNGKey(0))
-
-
-def evaluate(predict_fn, params, dataset, mesh) -> tuple[dict, dict, str, list]:
-  detections = inference.predict_dataset(predict_fn, params, dataset, mesh)
-  metrics, per_category, summary = coco_eval.evaluate(dataset.coco_ground_truth(), detections)
-  return metrics, per_category, summary, detections
+def load_pretrained(state: train_step.TrainState, config: ml_collections.ConfigDict,
+                    mesh: jax.sharding.Mesh) -> train_step.TrainState:
+  """The state with its backbone from `config.pretrained.path`, if set."""
+  if not config.pretrained.path:
+    return state
+  params, _ = weights.load_backbone(jax.device_get(state.params), config.pretrained.path,
+                                    config.pretrained.format, config.model.backbone)
+  return state.with_params(jax.device_put(params, parallel.replicated(mesh)))
 
 
 def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
                        writer: metric_writers.MetricWriter) -> dict[str, float]:
   """Trains, checkpoints, evaluates; returns the final COCO metrics."""
-  config = resolve_config(config, workdir)
+  config = check_config(config)
   mesh = parallel.data_mesh()
   train_ds, val_ds = build_datasets(config)
-  model = models.build_detr(config.model, train_ds.num_classes)
+  detector = detectors.build(config, train_ds.num_classes)
   epoch_steps = optimizer.steps_per_epoch(train_ds.num_examples, config.batch_size)
   total_steps = config.num_train_steps if config.num_train_steps > 0 else (
       config.num_epochs * epoch_steps)
-  eval_every = max(1, round(config.eval_every_epochs * epoch_steps))
-  tx, schedules = optimizer.build_optimizer(config, epoch_steps, total_steps)
+  mask = frozen_mask(config, detector)
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps, total_steps, mask)
   logging.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
                'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
                config.batch_size, epoch_steps, jax.device_count())
   if config.optimizer.freeze_backbone:
     logging.info('Backbone frozen: the train step runs no backward pass through it')
 
-  replicated = parallel.replicated(mesh)
-  batch_sharding = parallel.batch_sharding(mesh)
-  state = jax.jit(lambda key: create_state(config, model, tx, key, train_ds.bucket_shapes[0]),
-                  out_shardings=replicated)(rng)
+  state = jax.jit(lambda key: create_state(config, detector, tx, key, train_ds.bucket_shapes[0]),
+                  out_shardings=parallel.replicated(mesh))(rng)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
-  # With cached features a step's batch follows from the step number: no input state.
-  iterator = None if config.cache_backbone_features else iter(train_ds.tf_dataset)
+  source = inputs.build(config, detector, train_ds)
   if checkpointer.latest_step() is not None:
-    state = checkpointer.restore(state, iterator=iterator)
+    state = checkpointer.restore(state, iterator=source.iterator)
     logging.info('Resumed from step %d in %s', int(state.step), workdir)
   else:
-    path = config.pretrained.path
-    if config.backbone_pretraining.steps > 0:
-      path = dense_pretraining.pretrain_backbone(config, train_ds, mesh, workdir, writer)
-    if path:
-      params, _ = pretrained.load_backbone(jax.device_get(state.params), path,
-                                           config.pretrained.format)
-      state = state.with_params(jax.device_put(params, replicated))
-  start_step = int(state.step)
-  next_batch, step_model = batch_source(config, model, state.params, iterator, start_step + 1,
-                                        batch_sharding)
-  train_step = jit_train_step(config, step_model, tx, schedules, mesh)
-  predict_fn = inference.make_predict_fn(model, config.eval_top_k)
+    state = load_pretrained(state, config, mesh)
+  next_batch, step_detector = source.start(state.params, int(state.step) + 1,
+                                           parallel.batch_sharding(mesh))
+  step_fn = jit_train_step(config, step_detector, tx, schedules, mask, mesh)
 
-  report = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
-                                           every_secs=60)
-  history, last_log = [], (start_step, time.time())
-  with jax.set_mesh(mesh):
-    for step in range(start_step + 1, total_steps + 1):
-      with jax.profiler.StepTraceAnnotation('train', step_num=step):
-        state, metrics = train_step(state, next_batch())
-      history.append(metrics)
-      report(step)
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = steps.mean_metrics(history)
-        seconds = (time.time() - last_log[1]) / (step - last_log[0])
-        scalars.update(step_time_s=seconds, images_per_s=config.batch_size / seconds)
-        writer.write_scalars(step, scalars)
-        history, last_log = [], (step, time.time())
-      if step % config.checkpoint_every_steps == 0 or step == total_steps:
-        checkpointer.save(step, state, iterator)
-      if step % eval_every == 0 and step != total_steps:
-        metrics, _, summary, _ = evaluate(predict_fn, state.eval_params, val_ds, mesh)
-        logging.info('step %d validation:\n%s', step, summary)
-        writer.write_scalars(step, {f'val/{k}': v for k, v in metrics.items()})
+  def evaluate(step: int, state: train_step.TrainState) -> tuple[dict, dict, str, list]:
+    result = predict.evaluate(detector, state.eval_params, val_ds, mesh, config.eval_top_k)
+    writer.write_scalars(step, {f'val/{k}': v for k, v in result[0].items()})
+    return result
+
+  def evaluate_during(step: int, state: train_step.TrainState) -> None:
+    logging.info('step %d validation:\n%s', step, evaluate(step, state)[2])
+
+  eval_every = max(1, round(config.eval_every_epochs * epoch_steps))
+  loop = StepLoop(total_steps=total_steps, batch_size=config.batch_size,
+                  log_every=config.log_every_steps,
+                  checkpoint_every=config.checkpoint_every_steps, checkpointer=checkpointer,
+                  writer=writer, periodic=[(eval_every, evaluate_during)])
+  state = run_steps(step_fn, state, next_batch, source.iterator, loop, mesh)
   checkpointer.close()
 
-  metrics, per_category, summary, detections = evaluate(predict_fn, state.eval_params, val_ds,
-                                                        mesh)
-  writer.write_scalars(total_steps, {f'val/{k}': v for k, v in metrics.items()})
+  metrics, per_category, summary, detections = evaluate(total_steps, state)
   writer.flush()
   if jax.process_index() == 0:
     coco_eval.write_results(workdir, metrics, per_category, detections)
     print(summary + coco_eval.format_per_category(per_category), flush=True)
   return metrics
 
+
+def has_checkpoint(workdir: str) -> bool:
+  """Whether the workdir holds a training checkpoint (a run to resume)."""
+  directory = os.path.join(workdir, checkpoints.SUBDIR)
+  return os.path.isdir(directory) and any(name.isdigit() for name in os.listdir(directory))

@@ -3,8 +3,10 @@
 The alternative schedule (config.optimizer.schedule='cosine') decays to zero over the run.
 
 Parameters are split by their top-level key: everything under 'backbone' is the backbone group
-(pretrained features, trained 10x slower), the rest is the head. Gradients are clipped by their
-global norm over both groups together, as DETR does.
+(pretrained features, trained 10x slower), the rest is the head. Frozen parameters (the whole
+backbone with `freeze_backbone`, and those the detector keeps fixed) form a third group that
+the optimizer leaves unchanged. Gradients are clipped by their global norm over all groups
+together, as DETR does.
 """
 import math
 from typing import Any, Callable, Sequence
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-BACKBONE, HEAD = 'backbone', 'head'
+BACKBONE, HEAD, FROZEN = 'backbone', 'head', 'frozen'
 SCHEDULES = ('step', 'cosine')
 Schedule = Callable[[Any], Any]
 
@@ -41,19 +43,43 @@ def step_schedule(base_lr: float, epoch_steps: int, decay_epochs: Sequence[int],
   return lambda step: steps(step) * jnp.minimum(1.0, step / warmup_steps)
 
 
-def param_labels(params: Any) -> Any:
-  """The group of every parameter leaf: 'backbone' under the top-level 'backbone' key."""
-  def label(path, _):
-    return BACKBONE if getattr(path[0], 'key', None) == BACKBONE else HEAD
-  return jax.tree_util.tree_map_with_path(label, params)
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', k)) for k in path)
 
 
-def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_steps: int
+def frozen_mask(params: Any, config: ml_collections.ConfigDict,
+                frozen: Callable[[tuple[str, ...]], bool] = lambda path: False) -> Any:
+  """A tree of bools like `params`: True for the parameters that stay fixed (all of the
+  backbone with `config.optimizer.freeze_backbone`, and those `frozen(path)` names)."""
+  freeze_backbone = config.optimizer.freeze_backbone
+
+  def is_frozen(path, _):
+    names = _path_names(path)
+    return bool((freeze_backbone and names[0] == BACKBONE) or frozen(names))
+  return jax.tree_util.tree_map_with_path(is_frozen, params)
+
+
+def param_labels(params: Any, mask: Any = None) -> Any:
+  """The group of every parameter leaf: 'frozen' where `mask` says so, else 'backbone' under
+  the top-level 'backbone' key and 'head' elsewhere."""
+  mask = jax.tree.map(lambda _: False, params) if mask is None else mask
+
+  def label(path, _, is_frozen):
+    if is_frozen:
+      return FROZEN
+    return BACKBONE if _path_names(path)[0] == BACKBONE else HEAD
+  return jax.tree_util.tree_map_with_path(label, params, mask)
+
+
+def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_steps: int,
+                    mask: Any = None
                     ) -> tuple[optax.GradientTransformation, dict[str, Schedule]]:
   """The optimizer and the learning-rate schedule of each group (for logging).
 
   Reads config.optimizer: lr, backbone_lr, weight_decay, grad_clip_norm, schedule ('step':
-  decay_epochs and decay_factor; 'cosine'), warmup_steps, freeze_backbone.
+  decay_epochs and decay_factor; 'cosine'), warmup_steps, freeze_backbone. `mask` is the
+  `frozen_mask` of the parameters (None: nothing frozen but what freeze_backbone says, which
+  then must be applied through the labels alone).
   """
   opt = config.optimizer
   if opt.schedule not in SCHEDULES:
@@ -70,8 +96,11 @@ def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_s
     schedules[BACKBONE] = optax.constant_schedule(0.0)
   transforms = {group: optax.adamw(schedule, weight_decay=opt.weight_decay)
                 for group, schedule in schedules.items()}
-  if opt.freeze_backbone:
-    transforms[BACKBONE] = optax.set_to_zero()
+  transforms[FROZEN] = optax.set_to_zero()
+
+  def labels(params):
+    return param_labels(params, frozen_mask(params, config) if mask is None else mask)
+
   tx = optax.chain(optax.clip_by_global_norm(opt.grad_clip_norm),
-                   optax.multi_transform(transforms, param_labels))
+                   optax.multi_transform(transforms, labels))
   return tx, schedules

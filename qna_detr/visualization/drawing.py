@@ -38,7 +38,7 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, texts: Sequence[str],
 
 def draw_detections(image: Image.Image, detections: dict[str, np.ndarray],
                     class_names: Sequence[str], threshold: float) -> Image.Image:
-  """Boxes of one image's post-processed detections (`qna_detr.detr.postprocess`) that
+  """Boxes of one image's post-processed detections (a detector's post-processing) that
   score at least `threshold`, captioned 'class score'."""
   keep = np.asarray(detections['scores']) >= threshold
   labels = np.asarray(detections['labels'])[keep]

@@ -18,7 +18,7 @@ SMALL = QnAViTSpec(dims=(16, 32, 64, 128), qna_blocks=(1, 1, 1, 0), qna_heads=(2
 
 @pytest.mark.parametrize('name', sorted(RELEASED_PARAMS))
 def test_parameter_counts_match_release(name):
-  model = registry.build_classifier(name, 1000)
+  model = registry.build_classifier({'backbone': name}, 1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
   count = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
   assert abs(count / RELEASED_PARAMS[name] - 1) <= 1e-3
@@ -26,7 +26,7 @@ def test_parameter_counts_match_release(name):
 
 def test_pyramid_strides_for_odd_non_square_input():
   images = jnp.zeros((1, 37, 70, 3))
-  pyramid = jax.eval_shape(lambda: registry.build_backbone('qna_vit_tiny').init_with_output(
+  pyramid = jax.eval_shape(lambda: registry.build({'backbone': 'qna_vit_tiny'}).init_with_output(
       jax.random.key(0), images)[0])
   want = [(-(-37 // s), -(-70 // s)) for s in (4, 8, 16, 32)]
   assert [f.features.shape[1:3] for f in pyramid] == want
@@ -89,4 +89,4 @@ def test_drop_path_rates_rise_linearly_over_all_blocks():
 
 def test_unknown_backbone_is_named():
   with pytest.raises(ValueError, match='qna_vit_huge'):
-    registry.build_backbone('qna_vit_huge')
+    registry.build({'backbone': 'qna_vit_huge'})

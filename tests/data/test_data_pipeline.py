@@ -10,6 +10,7 @@ from pycocotools.cocoeval import COCOeval
 import pytest
 
 from qna_detr.data import pipeline
+from qna_detr.data import toy
 from qna_detr.data import transforms
 
 CONTRACT = {
@@ -132,15 +133,19 @@ def test_processes_read_disjoint_shards_with_equal_eval_lengths(toy_config):
   assert lengths[0] == lengths[1]
 
 
-def test_toy_dataset_is_made_on_first_use(tmp_path):
-  cfg = pipeline.toy_config(str(tmp_path / 'toy'), image_size=64)
-  cfg.toy.update({'num_train': 6, 'num_val': 3})
+def test_toy_dataset_is_made_by_its_phase_then_read_as_a_coco_folder(tmp_path):
+  cfg = pipeline.toy_config(image_size=64)
   cfg.bucket_sample_size = 100
-  config = ml_collections.ConfigDict({'dataset': cfg})
+  config = ml_collections.ConfigDict({'dataset': cfg, 'toy_data': dict(
+      num_train=6, num_val=3, image_size=64, seed=0, data_dir='')})
+  config = toy.prepare(config, str(tmp_path))
+  assert config.dataset.name == 'coco_folder'
+  assert config.dataset.val_json == str(tmp_path / 'toy_coco' / 'annotations' /
+                                        'instances_val.json')
   ds = pipeline.build_dataset(config, split='val', global_batch_size=2, shuffle_seed=0,
                               train=False)
   assert ds.num_examples == 3
-  assert os.path.exists(tmp_path / 'toy' / 'annotations' / 'instances_train.json')
+  assert os.path.exists(tmp_path / 'toy_coco' / 'annotations' / 'instances_train.json')
 
 
 def test_explicit_bucket_shapes_are_used(toy_config):

@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-import qna_detr.scenic
+import qna_detr.data.scenic_dataset
 
 
 class _Registry:
@@ -50,14 +50,14 @@ def fake_scenic(monkeypatch):
                        ('scenic.dataset_lib.datasets', datasets),
                        ('scenic.dataset_lib.dataset_utils', dataset_utils)]:
     monkeypatch.setitem(sys.modules, name, module)
-  yield importlib.reload(qna_detr.scenic), datasets.DatasetRegistry
+  yield importlib.reload(qna_detr.data.scenic_dataset), datasets.DatasetRegistry
   monkeypatch.undo()
-  importlib.reload(qna_detr.scenic)
+  importlib.reload(qna_detr.data.scenic_dataset)
 
 
 def test_without_scenic_nothing_registers():
-  assert qna_detr.scenic.datasets is None
-  assert qna_detr.scenic.register() is False
+  assert qna_detr.data.scenic_dataset.datasets is None
+  assert qna_detr.data.scenic_dataset.register() is False
 
 
 def test_registered_builder_returns_sharded_iterators(fake_scenic, toy_config):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from qna_detr.data import pipeline
-from qna_detr.detr import postprocess, to_coco_results
+from qna_detr.detectors.detr.postprocess import postprocess
+from qna_detr.evaluation.coco_eval import to_coco_results
 from qna_detr.evaluation import coco_eval
 
 

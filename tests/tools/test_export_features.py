@@ -1,4 +1,4 @@
-"""tools/export_features.py and qna_detr/evaluation/features.py on the micro config.
+"""tools/export_features.py and qna_detr/export/features.py on the micro config.
 
 The exported maps are read back with numpy alone (following the documented layout) and
 compared with the backbone applied directly, by the test, to the same images.
@@ -11,21 +11,21 @@ import shutil
 import subprocess
 import sys
 
-from flax import serialization
 import jax
 import numpy as np
 from PIL import Image
 import pytest
 import tensorflow as tf
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr import parallel
 from qna_detr.backbones import registry
 from qna_detr.data import pipeline
-from qna_detr.data import toy
-from qna_detr.evaluation import features
+from qna_detr.export import features
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
+from qna_detr.train import phases
+from qna_detr.utils import checkpoint_io
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tests' / 'train'))
@@ -42,12 +42,12 @@ def run(toy_dir, tmp_path_factory):
   root = tmp_path_factory.mktemp('export')
   workdir = str(root / 'workdir')
   config_file = train_testing.write_config_file(root / 'micro_config.py', toy_dir)
-  config = loop.resolve_config(train_testing.micro_config(toy_dir), workdir)
-  model = models.build_detr(config.model, num_classes=3)  # Any head: only the backbone is read.
+  config = phases.prepare(train_testing.micro_config(toy_dir), workdir)
+  model = detectors.build(config, num_classes=3)  # Any head: only the backbone is read.
   state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), loop.abstract_state(config, model))
   params = _random_params(state.params['backbone'])
   state = state.replace(step=np.int32(STEP), params={**state.params, 'backbone': params})
-  backbone = registry.build_backbone(config.model.backbone)
+  backbone = registry.build(config.model)
   jitted = jax.jit(lambda p, images, mask: backbone.apply({'params': p}, images, mask))
   apply = functools.partial(jitted, params)
   checkpointer = checkpoints.Checkpointer(workdir, keep=1)
@@ -136,7 +136,7 @@ def test_split_export_equals_the_backbone_output(run, tmp_path):
     for s, value in levels.items():
       assert value.dtype == np.float32 and value.shape == expected[image_id][s].shape
       np.testing.assert_allclose(value, expected[image_id][s], rtol=1e-5, atol=1e-5)
-  with open(toy.paths(run['config'].dataset.data_dir)['val_json']) as f:
+  with open(run['config'].dataset.val_json) as f:
     truth = {im['id']: im for im in json.load(f)['images']}
   for e in entries:
     image = truth[e['image_id']]
@@ -246,17 +246,17 @@ def test_image_folder_skips_unreadable_files(run, tmp_path):
       np.testing.assert_allclose(value, expected[s], rtol=1e-4, atol=1e-4)
 
 
-def test_backbone_params_from_a_step_directory_or_a_msgpack_file(run, tmp_path):
+def test_backbone_params_from_a_step_directory(run, tmp_path):
   step_dir = os.path.join(run['workdir'], 'checkpoints', str(STEP))
-  path = tmp_path / 'backbone.msgpack'
-  path.write_bytes(serialization.msgpack_serialize({'params': {'backbone': run['params']}}))
-  for source in (step_dir, str(path)):
-    loaded = features.load_backbone_params(run['backbone'], source)
-    jax.tree.map(np.testing.assert_array_equal, loaded, run['params'])
+  name = run['config'].model.backbone
+  loaded = features.load_backbone_params(run['backbone'], step_dir, name)
+  jax.tree.map(np.testing.assert_array_equal, loaded, run['params'])
   partial = {k: v for k, v in run['params'].items() if k != 'stem'}
-  path.write_bytes(serialization.msgpack_serialize({'params': {'backbone': partial}}))
+  directory = checkpoint_io.CheckpointDir(str(tmp_path / 'partial'), create=True)
+  directory.save(1, {'params': {'backbone': partial}})
+  directory.close()
   with pytest.raises(ValueError, match=r'not hold the parameters .* 1 missing \[stem/kernel\]'):
-    features.load_backbone_params(run['backbone'], str(path))
+    features.load_backbone_params(run['backbone'], str(tmp_path / 'partial' / '1'), name)
 
 
 def test_unavailable_level_names_the_flag(run, tmp_path):

@@ -1,62 +1,122 @@
-"""Finding and restoring checkpoints: the errors a user meets name what is wrong."""
+"""Finding and restoring checkpoints: what is wrong is named, broken steps are skipped."""
+import glob
 import os
+import shutil
 
+import jax
 import numpy as np
 import pytest
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr.data import toy
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
+from qna_detr.utils import checkpoint_io
 
 import train_testing
 
 
+def _abstract(config):
+  return loop.abstract_state(config, detectors.build(config, len(toy.CLASSES)))
+
+
+def _array_files(step_dir):
+  """The step's array data files, largest first."""
+  files = glob.glob(os.path.join(step_dir, 'default', 'ocdbt.process_0', 'd', '*'))
+  return sorted(files, key=os.path.getsize, reverse=True)
+
+
+@pytest.fixture
+def saved(tmp_path):
+  """Steps 1, 2 and 3 of the micro config's state in tmp_path (different random values)."""
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  states = {step: train_testing.write_random_checkpoint(str(tmp_path), config, step=step,
+                                                        keep=3)
+            for step in (1, 2, 3)}
+  return config, states
+
+
+def _input_proj(state):
+  return np.asarray(state.params['input_proj']['kernel'])
+
+
 def test_missing_checkpoints_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'No checkpoint in {tmp_path}/checkpoints'):
-    checkpoints.find(str(tmp_path))
+    checkpoints.load_state(str(tmp_path), None, {})
   with pytest.raises(FileNotFoundError, match='--checkpoint=/nowhere/5 is not a checkpoint'):
-    checkpoints.find(str(tmp_path), '/nowhere/5')
+    checkpoints.load_state(str(tmp_path), '/nowhere/5', {})
 
 
-def test_restores_its_own_config_and_refuses_another(tmp_path):
-  config = train_testing.micro_config(str(tmp_path / 'data'))
-  saved = train_testing.write_random_checkpoint(str(tmp_path), config, step=7)
-  step_dir = checkpoints.find(str(tmp_path))
-  assert step_dir == os.path.join(tmp_path, 'checkpoints', '7')
-  restored = checkpoints.restore_state(
-      step_dir, loop.abstract_state(config, models.build_detr(config.model, len(toy.CLASSES))))
-  np.testing.assert_array_equal(restored.params['input_proj']['kernel'],
-                                saved.params['input_proj']['kernel'])
+def test_restores_its_own_config_and_refuses_another(tmp_path, saved):
+  config, states = saved
+  step_dir, restored = checkpoints.load_state(str(tmp_path), None, _abstract(config))
+  assert step_dir == os.path.join(tmp_path, 'checkpoints', '3')
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[3]))
+  step_dir, restored = checkpoints.load_state(
+      str(tmp_path), str(tmp_path / 'checkpoints' / '2'), _abstract(config))
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2]))
 
   other = train_testing.micro_config(str(tmp_path / 'data'))
   other.model.hidden_dim = 48  # Every head parameter changes shape.
-  abstract = loop.abstract_state(other, models.build_detr(other.model, len(toy.CLASSES)))
-  with pytest.raises(ValueError, match=f'checkpoint {step_dir} does not fit the model of this '
-                     'config'):
-    checkpoints.restore_state(step_dir, abstract)
+  with pytest.raises(checkpoint_io.MismatchedCheckpoint,
+                     match=f'checkpoint {tmp_path}/checkpoints/3 does not fit the model of this '
+                     r'config.*stored \(32, 32\), model \(48, 48\)'):
+    checkpoints.load_state(str(tmp_path), None, _abstract(other))
   # Resuming the workdir with the other config (what the training loop does) fails the same way.
-  resume = checkpoints.Checkpointer(str(tmp_path), keep=1)
-  with pytest.raises(ValueError, match='stored \\(32, 32\\), model \\(48, 48\\)'):
-    resume.restore(abstract)
+  resume = checkpoints.Checkpointer(str(tmp_path), keep=3)
+  with pytest.raises(checkpoint_io.MismatchedCheckpoint, match='does not fit the model'):
+    resume.restore(_abstract(other))
   resume.close()
 
 
-def test_checkpoint_without_the_average_field(tmp_path):
-  """A checkpoint written before the train state had `ema_params` (its fields as a dict)
-  restores into a config without an average, and is refused by one that wants it."""
-  config = train_testing.micro_config(str(tmp_path / 'data'))
-  saved = train_testing.write_random_checkpoint(str(tmp_path / 'new'), config, step=3)
-  old = {k: getattr(saved, k) for k in ('step', 'params', 'opt_state', 'rng')}
-  writer = checkpoints.Checkpointer(str(tmp_path / 'old'), keep=1)
-  writer.save(3, old)
-  writer.close()
-  model = models.build_detr(config.model, len(toy.CLASSES))
-  step_dir = str(tmp_path / 'old' / 'checkpoints' / '3')
-  restored = checkpoints.restore_state(step_dir, loop.abstract_state(config, model))
-  assert restored.ema_params is None
-  np.testing.assert_array_equal(restored.params['input_proj']['kernel'],
-                                saved.params['input_proj']['kernel'])
-  config.ema_decay = 0.9
-  with pytest.raises(ValueError, match='does not fit the model of this config'):
-    checkpoints.restore_state(step_dir, loop.abstract_state(config, model))
+def _corrupt(step_dir, how):
+  if how == 'flipped bit':
+    path = _array_files(step_dir)[0]
+    data = bytearray(open(path, 'rb').read())
+    data[len(data) // 2] ^= 0x40
+    open(path, 'wb').write(bytes(data))
+  elif how == 'truncated array file':
+    with open(_array_files(step_dir)[0], 'r+b') as f:
+      f.truncate(100)
+  elif how == 'deleted array file':
+    os.remove(_array_files(step_dir)[0])
+  elif how == 'deleted metadata':
+    os.remove(os.path.join(step_dir, 'default', '_METADATA'))
+  elif how == 'empty step directory':
+    shutil.rmtree(step_dir)
+    os.makedirs(step_dir)
+
+
+@pytest.mark.parametrize('how,message', [
+    ('flipped bit', 'checksum mismatch'),
+    ('truncated array file', 'missing, truncated or unreadable'),
+    ('deleted array file', 'missing, truncated or unreadable'),
+    ('deleted metadata', 'metadata file'),
+    ('empty step directory', 'is empty'),
+])
+def test_a_broken_step_is_named_and_the_newest_intact_one_restores(tmp_path, saved, how,
+                                                                    message, caplog):
+  config, states = saved
+  broken = str(tmp_path / 'checkpoints' / '3')
+  _corrupt(broken, how)
+  # Asked for by name: the error says which step and what is wrong with it.
+  with pytest.raises(checkpoint_io.CorruptCheckpoint, match=f'{broken}.*{message}'):
+    checkpoints.load_state(str(tmp_path), broken, _abstract(config))
+  # The newest intact step otherwise, with a warning that names the broken one.
+  step_dir, restored = checkpoints.load_state(str(tmp_path), None, _abstract(config))
+  assert step_dir == str(tmp_path / 'checkpoints' / '2')
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2]))
+  if how != 'empty step directory':  # An empty directory is no step at all: nothing to say.
+    assert any(broken in r.getMessage() and message in r.getMessage() for r in caplog.records)
+
+
+def test_non_finite_states_are_never_written_or_restored(tmp_path, saved):
+  config, states = saved
+  bad = jax.tree.map(lambda x: x, states[3])
+  bad.params['input_proj']['kernel'][0, 0] = np.nan
+  directory = checkpoint_io.CheckpointDir(str(tmp_path / 'checkpoints'), keep=3)
+  with pytest.raises(checkpoint_io.CorruptCheckpoint, match=r'Refusing to write step 4.*'
+                     'input_proj/kernel'):
+    directory.save(4, bad)
+  assert directory.complete_steps() == [1, 2, 3]  # Nothing written, nothing rotated out.
+  directory.close()

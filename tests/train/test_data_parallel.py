@@ -21,22 +21,25 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
     import numpy as np
     sys.path.insert(0, sys.argv[2])
     import train_testing
-    from qna_detr import models, parallel
+    from qna_detr import detectors, parallel
     from qna_detr.data import batching
-    from qna_detr.train import loop, optimizer, steps
+    from qna_detr.train import loop, optimizer, phases
 
     assert jax.device_count() == 8
-    config = loop.resolve_config(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
+    config = phases.prepare(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
     train_ds, _ = loop.build_datasets(config)
-    model = models.build_detr(config.model, train_ds.num_classes)
-    tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=100)
-    batch = next(iter(train_ds))
+    detector = detectors.build(config, train_ds.num_classes)
+    frozen = loop.frozen_mask(config, detector)
+    tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=100,
+                                              mask=frozen)
+    batch = {k: v for k, v in next(iter(train_ds)).items() if k in detector.batch_keys}
+    initial = loop.create_state(config, detector, tx, jax.random.PRNGKey(0),
+                                train_ds.bucket_shapes[0])
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = parallel.data_mesh(devices)
-      state = steps.create_state(model, tx, jax.random.PRNGKey(0), train_ds.bucket_shapes[0])
-      state = jax.device_put(state, parallel.replicated(mesh))
-      step = loop.jit_train_step(config, model, tx, schedules, mesh)
+      state = jax.device_put(jax.tree.map(np.asarray, initial), parallel.replicated(mesh))
+      step = loop.jit_train_step(config, detector, tx, schedules, frozen, mesh)
       with jax.set_mesh(mesh):
         arrays = batching.to_global_arrays(batch, parallel.batch_sharding(mesh))
         state, metrics = step(state, arrays)
@@ -45,11 +48,10 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
     np.testing.assert_allclose(m1['loss'], m8['loss'], rtol=1e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8), strict=True):
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    moved = jax.tree.leaves(steps.create_state(model, tx, jax.random.PRNGKey(0),
-                                               train_ds.bucket_shapes[0]).params)
+    moved = jax.tree.leaves(initial.params)
     assert any(not np.allclose(a, b) for a, b in zip(moved, jax.tree.leaves(p8)))
     try:
-      loop.resolve_config(train_testing.micro_config(sys.argv[1], batch_size=12), sys.argv[1])
+      phases.prepare(train_testing.micro_config(sys.argv[1], batch_size=12), sys.argv[1])
     except ValueError as e:
       assert 'config.batch_size=12' in str(e), e
     else:

@@ -1,4 +1,6 @@
-"""Dense pretraining: its targets, its output layout, and the phase in the loop."""
+"""Dense pretraining: its targets, its output layout, and the phase: result, reuse, resume."""
+import shutil
+
 from clu import metric_writers
 import flax.linen as nn
 import jax
@@ -6,12 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr import models
-from qna_detr import parallel
-from qna_detr.backbones import pretrained
+from qna_detr import detectors
+from qna_detr.backbones import registry
+from qna_detr.backbones import weights
 from qna_detr.backbones.base import FeatureMap
 from qna_detr.train import dense_pretraining
 from qna_detr.train import loop
+from qna_detr.train import phases
 import train_testing
 
 
@@ -127,7 +130,7 @@ def _dense_losses(config, params, batch) -> tuple[float, float, float, float]:
   """Over real sub-cells: the class maps' BCE of (params, the best constant guess: each class's
   rate) and the edges' L1 over sub-cells inside a box of (params, the best constant guess: each
   coordinate's median)."""
-  model = dense_pretraining.DenseHeads(models.build_backbone(config.model), 5,
+  model = dense_pretraining.DenseHeads(registry.build(config.model), 5,
                                        config.backbone_pretraining.upsample)
   logits, edges, mask = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
                                     train=False)
@@ -150,35 +153,60 @@ def _dense_losses(config, params, batch) -> tuple[float, float, float, float]:
           l1(np.asarray(edges)[in_box]), l1(np.median(target_edges, axis=0)))
 
 
+def _pretrain(config, workdir):
+  return dense_pretraining.run(config, str(workdir), metric_writers.LoggingWriter())
+
+
 def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
   config = train_testing.micro_config(str(tmp_path / 'data'))
   config.backbone_pretraining.update(dict(steps=200, warmup_steps=10))
-  config = loop.resolve_config(config, str(tmp_path))
-  train_ds, _ = loop.build_datasets(config)
-  mesh = parallel.data_mesh()
-  path = dense_pretraining.pretrain_backbone(config, train_ds, mesh, str(tmp_path),
-                                             metric_writers.LoggingWriter())
-  assert path == str(tmp_path / 'backbone_pretraining' / '200')
+  config.checkpoint_every_steps = 1000
+  config = phases.prepare(config, str(tmp_path))
+  path = _pretrain(config, tmp_path)
+  assert path == str(tmp_path / 'backbone_pretraining' / 'checkpoints' / '200')
 
+  train_ds, _ = loop.build_datasets(config)
   iterator = iter(train_ds.tf_dataset)
-  losses = [_dense_losses(config, pretrained.read_checkpoint(path),
+  params, _ = weights.read(path)
+  losses = [_dense_losses(config, params,
                           {k: jnp.asarray(v.numpy()) for k, v in next(iterator).items()
                            if k in dense_pretraining.BATCH_KEYS}) for _ in range(3)]
   bce, bce_constant, edge_l1, edge_l1_constant = np.mean(losses, axis=0)
   assert bce < 0.75 * bce_constant, losses  # It reads the images.
   assert edge_l1 < 0.9 * edge_l1_constant, losses  # 0.80 when written.
 
-  detector = jax.eval_shape(lambda: models.build_detr(config.model, 5).init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool),
-      train=False)['params'])
-  _, report = pretrained.load_backbone(detector, path)
+  detector = detectors.build(config, 5)
+  abstract = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
+  _, report = weights.load_backbone(abstract, path, backbone=config.model.backbone)
   assert report.matched and not report.missing and not report.unexpected
 
-  # A second call finds the checkpoint and trains nothing.
-  mtime = (tmp_path / 'backbone_pretraining' / '200').stat().st_mtime_ns
-  assert dense_pretraining.pretrain_backbone(config, train_ds, mesh, str(tmp_path),
-                                             metric_writers.LoggingWriter()) == path
-  assert (tmp_path / 'backbone_pretraining' / '200').stat().st_mtime_ns == mtime
+  # A second call finds the result and trains nothing.
+  mtime = (tmp_path / 'backbone_pretraining' / 'checkpoints' / '200').stat().st_mtime_ns
+  assert _pretrain(config, tmp_path) == path
+  assert (tmp_path / 'backbone_pretraining' / 'checkpoints' / '200').stat().st_mtime_ns == mtime
+  # Other settings are refused, naming the key, rather than reusing this result.
+  config.backbone_pretraining.edge_weight = 1.0
+  with pytest.raises(ValueError, match=r'config\.backbone_pretraining\.edge_weight'):
+    _pretrain(config, tmp_path)
+
+
+def test_a_killed_pretraining_resumes_exactly(tmp_path):
+  """The phase checkpoints as it goes: with its last checkpoint gone (killed after step 2),
+  a rerun continues from step 2 and ends where the uninterrupted phase ended."""
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  config.backbone_pretraining.update(dict(steps=4, warmup_steps=1))
+  config.checkpoint_every_steps = 2
+  config = phases.prepare(config, str(tmp_path))
+  path = _pretrain(config, tmp_path / 'run')
+  straight, _ = weights.read(path)
+  shutil.rmtree(path)
+  assert _pretrain(config, tmp_path / 'run') == path
+  resumed, _ = weights.read(path)
+  for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+    np.testing.assert_array_equal(a, b)
+  at_two, _ = weights.read(str(tmp_path / 'run' / 'backbone_pretraining' / 'checkpoints' / '2'))
+  assert any(not np.array_equal(a, b) for a, b in
+             zip(jax.tree.leaves(at_two), jax.tree.leaves(straight)))
 
 
 @pytest.mark.parametrize('overrides,key', [
@@ -191,4 +219,4 @@ def test_bad_pretraining_config_names_the_key(tmp_path, overrides, key):
   config.pretrained.path = overrides.pop('path', '')
   config.backbone_pretraining.update(overrides)
   with pytest.raises(ValueError, match=key.replace('.', r'\.')):
-    loop.resolve_config(config, str(tmp_path))
+    phases.prepare(config, str(tmp_path))

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr import models
+from qna_detr import detectors
 from qna_detr import parallel
 from qna_detr.data import batching
 from qna_detr.data import pipeline
@@ -12,14 +12,15 @@ from qna_detr.data import toy
 from qna_detr.train import feature_cache
 from qna_detr.train import loop
 from qna_detr.train import optimizer
+from qna_detr.train import phases
 import train_testing
 
 
 @pytest.fixture
 def setup(toy_dir):
-  config = loop.resolve_config(train_testing.micro_config(toy_dir), toy_dir)
+  config = phases.prepare(train_testing.micro_config(toy_dir), toy_dir)
   config.optimizer.freeze_backbone = True
-  model = models.build_detr(config.model, len(toy.CLASSES))
+  model = detectors.build(config, len(toy.CLASSES))
   tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1)
   state = loop.create_state(config, model, tx, jax.random.PRNGKey(3), (64, 64))
   images = pipeline.build_dataset(config, split='train', global_batch_size=4, shuffle_seed=0,
@@ -27,8 +28,9 @@ def setup(toy_dir):
   return config, model, state, images
 
 
-def _backbone_features(model, params, images, mask):
-  return model.backbone.apply({'params': params}, images, mask, train=False)[-1]
+def _backbone_features(detector, params, images, mask):
+  """The last feature map, by the backbone module itself (not the detector's helper)."""
+  return detector.module.backbone.apply({'params': params}, images, mask, train=False)[-1]
 
 
 def test_cache_holds_features_of_every_image_and_its_mirror_image(setup):
@@ -52,7 +54,8 @@ def test_cache_holds_features_of_every_image_and_its_mirror_image(setup):
   assert len(cache) == 2 * num_images
   np.testing.assert_allclose(cache.features, np.concatenate(expected['features']),
                              rtol=1e-5, atol=1e-5)
-  np.testing.assert_allclose(cache.boxes, np.concatenate(expected['boxes']), atol=1e-7)
+  np.testing.assert_allclose(cache.targets['boxes'], np.concatenate(expected['boxes']),
+                             atol=1e-7)
   # Mirroring moves the features: the second half is not a copy of the first.
   assert not np.allclose(cache.features[:4], cache.features[4:8], atol=1e-3)
 
@@ -62,8 +65,8 @@ def test_batches_cover_every_entry_once_an_epoch_in_a_new_order():
   ids = np.arange(size, dtype=np.float32)
   cache = feature_cache.FeatureCache(
       features=ids[:, None, None, None], padding_mask=np.zeros((size, 1, 1), bool),
-      boxes=np.zeros((size, 1, 4), np.float32), labels=np.zeros((size, 1), np.int32),
-      box_mask=np.ones((size, 1), bool))
+      targets={'boxes': np.zeros((size, 1, 4), np.float32),
+               'labels': np.zeros((size, 1), np.int32), 'box_mask': np.ones((size, 1), bool)})
   epoch = lambda e: [cache.batch(3 * e + s, batch_size, seed=5)['inputs'].ravel()
                      for s in (1, 2, 3)]
   first, second = np.concatenate(epoch(0)), np.concatenate(epoch(1))
@@ -80,19 +83,20 @@ def test_batches_cover_every_entry_once_an_epoch_in_a_new_order():
 
 def test_a_step_on_cached_features_equals_a_step_on_the_images(setup):
   config, model, state, images = setup
-  tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=10)
+  frozen = loop.frozen_mask(config, model)
+  tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=10, mask=frozen)
   batch = next(iter(images.iterator()))
   mesh = parallel.data_mesh()
   sharding = parallel.batch_sharding(mesh)
   targets = {k: batch[k] for k in ('boxes', 'labels', 'box_mask')}
   features = _backbone_features(model, state.params['backbone'], batch['inputs'],
                                 batch['padding_mask'])
-  head = feature_cache.head_model(model)
+  head = model.on_features()
   results = []
   for step_model, inputs, mask in [(model, batch['inputs'], batch['padding_mask']),
                                    (head, np.asarray(features.features),
                                     np.asarray(features.mask))]:
-    step = loop.jit_train_step(config, step_model, tx, schedules, mesh)
+    step = loop.jit_train_step(config, step_model, tx, schedules, frozen, mesh)
     arrays = batching.to_global_arrays({'inputs': inputs, 'padding_mask': mask, **targets},
                                        sharding)
     with jax.set_mesh(mesh):

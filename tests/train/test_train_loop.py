@@ -8,12 +8,13 @@ import orbax.checkpoint as ocp
 import pytest
 
 from qna_detr.train import loop
+from qna_detr.train import phases
 import train_testing
 
 
 def _run(config, workdir):
   writer = metric_writers.LoggingWriter()
-  return loop.train_and_evaluate(jax.random.PRNGKey(0), config, str(workdir), writer)
+  return phases.run(jax.random.PRNGKey(0), config, str(workdir), writer)
 
 
 def _params_at(workdir, step):
@@ -33,7 +34,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
   config = train_testing.micro_config(data, steps=4)
   config.ema_decay = 0.9  # The average is part of the state that must resume.
   # The cache's batches follow from the step number instead of a checkpointed iterator.
-  config.optimizer.freeze_backbone = config.cache_backbone_features = cached_features
+  config.optimizer.freeze_backbone = cached_features
+  config.train_input = 'cached_features' if cached_features else 'images'
   metrics = _run(config, tmp_path / 'straight')
   assert set(metrics) == {'AP', 'AP50', 'AP75', 'APs', 'APm', 'APl',
                           'AR1', 'AR10', 'AR100', 'ARs', 'ARm', 'ARl'}
@@ -42,7 +44,8 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
 
   half = train_testing.micro_config(data, steps=2)
   half.ema_decay = config.ema_decay
-  half.optimizer.freeze_backbone = half.cache_backbone_features = cached_features
+  half.optimizer.freeze_backbone = cached_features
+  half.train_input = config.train_input
   _run(half, tmp_path / 'resumed')  # Stops after step 2 (checkpointed).
   _run(config, tmp_path / 'resumed')  # Picks up at step 2, runs to 4.
   straight = jax.tree.leaves(_params_at(tmp_path / 'straight', 4))
@@ -59,20 +62,22 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
     ('model.dtype', 'float8', 'config.model.dtype'),
     ('eval_top_k', 50, 'config.eval_top_k'),
     ('ema_decay', 1.0, 'config.ema_decay'),
-    ('cache_backbone_features', True, 'config.optimizer.freeze_backbone'),
+    ('train_input', 'cached_features', 'config.optimizer.freeze_backbone'),
+    ('train_input', 'videos', 'config.train_input'),
+    ('model.name', 'yolo', 'config.model.name'),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, message):
   config = train_testing.micro_config(str(tmp_path / 'data'))
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
-    loop.resolve_config(config, str(tmp_path))
+    loop.build_datasets(phases.prepare(config, str(tmp_path)))
 
 
 def test_missing_dataset_is_named(tmp_path):
   config = train_testing.micro_config(str(tmp_path / 'data'))
-  config.dataset.name = 'coco_folder'
+  del config['toy_data']
   config.dataset.train_json = str(tmp_path / 'nowhere' / 'instances_train.json')
   config.dataset.train_images = str(tmp_path / 'nowhere')
   with pytest.raises((ValueError, FileNotFoundError), match='instances_train.json'):
-    loop.build_datasets(loop.resolve_config(config, str(tmp_path)))
+    loop.build_datasets(phases.prepare(config, str(tmp_path)))

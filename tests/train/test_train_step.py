@@ -6,10 +6,11 @@ import numpy as np
 import optax
 import pytest
 
-from qna_detr import models
-from qna_detr.detr import LossWeights, set_criterion
-from qna_detr.detr.matcher import HungarianMatcher
-from qna_detr.train import steps
+from qna_detr import detectors
+from qna_detr import parallel
+from qna_detr.detectors.detr.losses import LossWeights, set_criterion
+from qna_detr.detectors.detr.matcher import HungarianMatcher
+from qna_detr.train import train_step
 
 import train_testing
 
@@ -19,7 +20,7 @@ NUM_CLASSES = 5
 @pytest.fixture(scope='module')
 def setup(tmp_path_factory):
   config = train_testing.micro_config(str(tmp_path_factory.mktemp('unused')))
-  model = models.build_detr(config.model, NUM_CLASSES)
+  detector = detectors.build(config, NUM_CLASSES)
   rng = np.random.default_rng(0)
   batch = {
       'inputs': jnp.asarray(rng.normal(size=(2, 64, 64, 3)), jnp.float32),
@@ -30,19 +31,36 @@ def setup(tmp_path_factory):
       'box_mask': jnp.asarray([[True, True], [True, False]]),
   }
   matcher = HungarianMatcher(cost_class=1.0, cost_bbox=5.0, cost_giou=2.0, solver='scipy')
-  state = steps.create_state(model, optax.sgd(1.0), jax.random.PRNGKey(0), (64, 64))
-  return model, batch, matcher, state
+  state = _state(detector, optax.sgd(1.0))
+  return detector, batch, matcher, state
 
 
-def _step(model, matcher, freeze):
-  """The train step with plain SGD at lr 1: the update is minus the gradient."""
-  return steps.make_train_step(model, optax.sgd(1.0), matcher, LossWeights(), {},
-                               freeze_backbone=freeze)
+def _state(detector, tx, ema=False):
+  return train_step.create_state(lambda k: detector.init(k, (64, 64)), tx,
+                                 jax.random.PRNGKey(0), ema=ema)
+
+
+def _run(step, *args):
+  """`step` jitted and called under a one-device mesh (the detector's matcher solves each
+  device's images on their own)."""
+  with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
+    return jax.jit(step)(*args)
+
+
+def _step(detector, freeze, tx=None, ema_decay=0.0):
+  """The train step (default: plain SGD at lr 1, so that the update is minus the gradient),
+  with the backbone frozen or not."""
+  params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
+  frozen = {k: jax.tree.map(lambda _, f=(freeze and k == 'backbone'): f, v)
+            for k, v in params.items()}
+  return train_step.make_train_step(detector.module, detector.loss, tx or optax.sgd(1.0), {},
+                                    frozen, ema_decay)
 
 
 def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
-  model, batch, matcher, state = setup
-  new_state, _ = jax.jit(_step(model, matcher, freeze=True))(state, batch)
+  detector, batch, matcher, state = setup
+  model = detector.module
+  new_state, _ = _run(_step(detector, freeze=True), state, batch)
 
   # Reference: the loss as a function of the head alone, the backbone closed over.
   backbone = state.params['backbone']
@@ -52,7 +70,7 @@ def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
   def head_loss(head_params):
     outputs = model.apply({'params': {**head_params, 'backbone': backbone}}, batch['inputs'],
                           batch['padding_mask'], train=True, rngs={'dropout': rng})
-    targets = {k: batch[k] for k in steps.TARGET_KEYS}
+    targets = {k: batch[k] for k in ('boxes', 'labels', 'box_mask')}
     return set_criterion(outputs, targets, matcher, LossWeights())[0]
 
   head_grads = jax.grad(head_loss)(head)
@@ -70,10 +88,11 @@ def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
 def test_frozen_step_skips_the_backbone_backward(setup):
   """XLA's own FLOP count: the backbone's backward costs more than its forward, so dropping
   it must remove well over a third of a full step's work."""
-  model, batch, matcher, state = setup
+  detector, batch, _, state = setup
   flops = {}
   for freeze in (False, True):
-    compiled = jax.jit(_step(model, matcher, freeze)).lower(state, batch).compile()
+    with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
+      compiled = jax.jit(_step(detector, freeze)).lower(state, batch).compile()
     flops[freeze] = compiled.cost_analysis()['flops']
   assert flops[True] < 0.6 * flops[False], flops
 
@@ -81,13 +100,13 @@ def test_frozen_step_skips_the_backbone_backward(setup):
 def test_moving_average_follows_its_recurrence(setup):
   """Against a numpy recurrence over the parameters the steps produced: after step t (from
   0), avg = d * avg + (1 - d) * params with d = min(decay, (1 + t) / (10 + t))."""
-  model, batch, matcher, _ = setup
+  detector, batch, _, _ = setup
   tx = optax.sgd(0.05)
-  state = steps.create_state(model, tx, jax.random.PRNGKey(0), (64, 64), ema=True)
-  step = jax.jit(steps.make_train_step(model, tx, matcher, LossWeights(), {}, ema_decay=0.5))
+  state = _state(detector, tx, ema=True)
+  step = _step(detector, False, tx, ema_decay=0.5)
   average = jax.tree.map(np.asarray, state.params)
   for t in range(4):
-    state, _ = step(state, batch)
+    state, _ = _run(step, state, batch)
     decay = min(0.5, (1 + t) / (10 + t))
     average = jax.tree.map(lambda a, p, d=decay: d * a + (1 - d) * np.asarray(p), average,
                            state.params)
@@ -102,15 +121,14 @@ def test_moving_average_follows_its_recurrence(setup):
 def test_new_weights_restart_the_average(setup):
   """Pretrained weights replace the parameters and the average alike, as separate buffers:
   the train step donates both (one buffer donated twice is an error)."""
-  model, batch, matcher, _ = setup
+  detector, batch, _, _ = setup
   tx = optax.sgd(0.05)
-  state = steps.create_state(model, tx, jax.random.PRNGKey(0), (64, 64), ema=True)
+  state = _state(detector, tx, ema=True)
   loaded = jax.tree.map(lambda p: p + 1.0, state.params)
   state = state.with_params(loaded)
   loaded = jax.tree.map(np.array, loaded)  # Host copies: the step donates the device buffers.
-  step = jax.jit(steps.make_train_step(model, tx, matcher, LossWeights(), {}, ema_decay=0.5),
-                 donate_argnums=0)
-  state, _ = step(state, batch)
+  with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
+    state, _ = jax.jit(_step(detector, False, tx, ema_decay=0.5), donate_argnums=0)(state, batch)
   decay = 0.1  # min(0.5, (1 + 0) / (10 + 0)) at the first step.
   for got, start, now in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(loaded),
                              jax.tree.leaves(state.params), strict=True):

@@ -9,8 +9,8 @@ import jax
 import ml_collections
 import numpy as np
 
-from qna_detr import configs
-from qna_detr import models
+from qna_detr import detectors
+from qna_detr import recipes
 from qna_detr.data import toy
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
@@ -23,15 +23,15 @@ TOY_SET = dict(num_train=24, num_val=10, image_size=64, seed=0)
 
 def micro_config(data_dir: str, *, batch_size: int = 4,
                  steps: int = 4) -> ml_collections.ConfigDict:
-  config = configs.toy(image_size=TOY_SET['image_size'])
-  config.dataset.data_dir = data_dir
-  config.dataset.toy.update(TOY_SET)
+  config = recipes.toy(image_size=TOY_SET['image_size'])
+  config.toy_data.update(data_dir=data_dir, **TOY_SET)
   config.dataset.max_boxes = 8
   config.model.update(dict(num_queries=8, hidden_dim=32, num_heads=2, num_encoder_layers=1,
                            num_decoder_layers=2, dim_feedforward=64))
   config.backbone_pretraining.steps = 0
   # Tests train the whole model, from images.
-  config.optimizer.freeze_backbone = config.cache_backbone_features = False
+  config.optimizer.freeze_backbone = False
+  config.train_input = 'images'
   config.eval_top_k = 8
   config.batch_size = config.eval_batch_size = batch_size
   config.num_train_steps = steps
@@ -64,17 +64,18 @@ def run_script(script: str, args: list[str], extra_env: dict | None = None,
       capture_output=True, text=True, timeout=timeout)
 
 
-def write_random_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int = 1):
+def write_random_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int = 1,
+                            keep: int = 1):
   """Saves a train state of config's model (toy classes) with random parameters, without
-  compiling anything; returns it."""
-  model = models.build_detr(config.model, len(toy.CLASSES))
-  rng = np.random.default_rng(0)
+  compiling anything; returns it (host arrays)."""
+  detector = detectors.build(config, len(toy.CLASSES))
+  rng = np.random.default_rng(step)
   state = jax.tree.map(
       lambda leaf: (rng.normal(scale=0.5, size=leaf.shape).astype(leaf.dtype)
                     if np.issubdtype(leaf.dtype, np.floating) else np.zeros(leaf.shape,
                                                                             leaf.dtype)),
-      loop.abstract_state(config, model))
-  writer = checkpoints.Checkpointer(workdir, keep=1)
+      loop.abstract_state(config, detector))
+  writer = checkpoints.Checkpointer(workdir, keep=keep)
   writer.save(step, state)
   writer.close()
   return state

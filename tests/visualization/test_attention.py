@@ -129,8 +129,8 @@ def test_boxes_are_drawn_where_they_are():
 
 @pytest.fixture(scope='module')
 def layers():
-  from qna_detr import configs, models
-  model = models.build_detr(configs.toy(64).model, 5)
+  from qna_detr import detectors, recipes
+  model = detectors.build(recipes.toy(64), 5).module
   images, mask = jnp.zeros((1, 64, 64, 3)), jnp.zeros((1, 64, 64), bool)
   params = jax.eval_shape(lambda k: model.init(k, images, mask, train=False),
                           jax.random.key(0))['params']

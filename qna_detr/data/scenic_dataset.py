@@ -1,20 +1,17 @@
-"""The project's only contact with Scenic, which is optional.
+"""The input pipeline in Scenic's dataset registry (Scenic is optional).
 
-`run(main)` launches a Scenic-style `main(rng, config, workdir, writer)` through
-`scenic.app.run` when Scenic is importable, and through `qna_detr.app` (same flags) otherwise.
-
-When Scenic is importable, importing this module registers the input pipeline in Scenic's
-dataset registry as `DATASET_NAME`, so that a Scenic config can say
-`config.dataset_name = 'qna_detr_coco'` and put the `config.dataset` keys of
-`qna_detr.data.pipeline.default_config()` in `config.dataset_configs`. Without Scenic the
-module imports and registers nothing.
+When Scenic is importable, importing this module registers the pipeline as `DATASET_NAME`, so
+that a Scenic config can say `config.dataset_name = 'qna_detr_coco'` and put the
+`config.dataset` keys of `qna_detr.data.pipeline.default_config()` in
+`config.dataset_configs`. Without Scenic the module imports and registers nothing.
+`QNA_DETR_DISABLE_SCENIC=1` makes it (and the launcher) act as if Scenic were absent.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -36,14 +33,6 @@ else:
 def available() -> bool:
   return datasets is not None
 
-
-def run(main: Callable) -> None:
-  """Runs `main` under Scenic's launcher, or the project's own when Scenic is absent."""
-  if available():
-    from scenic import app  # pylint: disable=g-import-not-at-top
-  else:
-    from qna_detr import app  # pylint: disable=g-import-not-at-top
-  app.run(main)
 
 DATASET_NAME = 'qna_detr_coco'
 

@@ -1,18 +1,13 @@
-"""The jitted training step: forward, Hungarian matching, set loss, AdamW update."""
+"""The train state and the jitted train step: forward, loss, AdamW update, moving average."""
 from typing import Any, Callable
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from qna_detr.detr import LossWeights, set_criterion
-from qna_detr.train.optimizer import BACKBONE
-
-TARGET_KEYS = ('boxes', 'labels', 'box_mask')
-BATCH_KEYS = ('inputs', 'padding_mask') + TARGET_KEYS  # All a train step reads.
+from qna_detr.detectors.base import Loss
 
 
 @flax.struct.dataclass
@@ -36,11 +31,11 @@ class TrainState:
     return self.params if self.ema_params is None else self.ema_params
 
 
-def create_state(model: nn.Module, tx: optax.GradientTransformation, rng: jax.Array,
-                 image_shape: tuple[int, int], ema: bool = False) -> TrainState:
+def create_state(init: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
+                 rng: jax.Array, ema: bool = False) -> TrainState:
+  """The initial state: parameters from `init(key)`, the optimizer's state, the step's key."""
   init_rng, train_rng = jax.random.split(rng)
-  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  params = model.init(init_rng, images, jnp.zeros(images.shape[:3], bool), train=False)['params']
+  params = init(init_rng)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                     rng=train_rng, ema_params=params if ema else None)
 
@@ -51,29 +46,29 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, matcher: Callable,
-                    weights: LossWeights, schedules: dict[str, Callable],
-                    freeze_backbone: bool = False, ema_decay: float = 0.0) -> Callable:
+def make_train_step(module: flax.linen.Module, loss: Loss, tx: optax.GradientTransformation,
+                    schedules: dict[str, Callable], frozen: Any = None,
+                    ema_decay: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics) over the global batch; jit it with shardings.
 
-  With freeze_backbone the backbone's parameters are constants of the loss, so no backward
-  pass runs through the backbone (its gradients are zeros and its optimizer ignores them).
-  A state with `ema_params` moves them towards the new parameters by 1 - `ema_decay_at`.
+  `frozen` (a tree of bools like the parameters, or None) marks parameters that are constants
+  of the loss: no backward pass runs into them (a frozen backbone costs its forward pass
+  only), their gradients are zeros and the optimizer must leave them alone. A state with
+  `ema_params` moves them towards the new parameters by 1 - `ema_decay_at`.
   """
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng = jax.random.fold_in(state.rng, state.step)
-    targets = {k: batch[k] for k in TARGET_KEYS}
 
     def loss_fn(params):
-      if freeze_backbone:
-        params = {**params, BACKBONE: jax.lax.stop_gradient(params[BACKBONE])}
-      outputs = model.apply({'params': params}, batch['inputs'], batch['padding_mask'],
-                            train=True, rngs={'dropout': rng})
-      return set_criterion(outputs, targets, matcher, weights)
+      if frozen is not None:
+        params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
+      outputs = module.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                             train=True, rngs={'dropout': rng})
+      return loss(outputs, batch)
 
-    (loss, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (value, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    metrics = {'loss': loss, **components, 'grad_norm': optax.global_norm(grads),
+    metrics = {'loss': value, **components, 'grad_norm': optax.global_norm(grads),
                **{f'lr_{group}': schedule(state.step) for group, schedule in schedules.items()}}
     params = optax.apply_updates(state.params, updates)
     ema_params = state.ema_params

@@ -12,19 +12,9 @@ Two exact solvers compute the same optimal cost (ties may pick different assignm
 - 'jax': shortest augmenting paths (the Jonker-Volgenant family, as in Crouse 2016) written with
   `lax.while_loop` and vmapped over the batch; it never leaves the device.
 
-'scipy' is the default: with few targets per image the two are within noise of each other
-(the cost matrices dominate), with many it is 2.5 to 6 times faster. Measured with
-`tools/benchmark_matcher.py` (jitted matcher: costs + assignment; 100 queries, targets padded to
-100; median ms per call on a 2-core x86 CPU shared with other jobs):
-
-  batch, real targets per image:  2, 10   2, 100   8, 100   32, 10   32, 100   32, 0..100
-  'scipy'                         0.47    1.04     4.85     5.42     17.2      7.36
-  'jax'                           0.41    2.45     11.6     4.19     64.4      43.9
-
-The host solve is cheap next to a train step, and `batch_axis` lets every device solve only its
-own images. The on-device solver pays one sequential loop step per augmenting-path step, and
-under `vmap` each step waits for the slowest image of the batch; it remains for accelerators
-where a host round trip is costly (measure there before switching).
+'scipy' is the default: the host solve is cheaper than the on-device search, whose loop waits
+for the slowest image of the batch at every augmenting step, and `batch_axis` lets every device
+solve only its own images (`tools/benchmark_matcher.py` compares the two).
 """
 import dataclasses
 from collections.abc import Callable, Mapping
@@ -35,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from qna_detr.detr import box_ops
+from qna_detr.detectors.detr import box_ops
 
 # Stands in for non-finite costs (from non-finite predictions) so that a solver never sees
 # NaN or inf; dwarfs any real cost (at most 1 + 4 * 5 + 2 * 2 with the default weights).

@@ -1,21 +1,22 @@
-"""Host allocator settings for training on CPUs.
+"""Process-wide settings that a run or a tool applies at its start.
 
-XLA's CPU runtime allocates and frees its large temporary buffers on every step. glibc serves
-allocations above its mmap threshold with fresh mappings and unmaps them on free, so every
-step faults in (and zero-fills) its working set page by page again: over a quarter of the toy
-run's CPU time went to the kernel. Keeping freed memory in the heap lets the next step reuse
-it; the process then holds its peak footprint instead of returning it between steps.
-
-Blocks larger than a per-thread arena's heap (64 MiB) are still mapped when a worker thread's
-arena serves them (seen in a toy run's DETR phase after the backbone pretraining); one arena
-for all threads (MALLOC_ARENA_MAX=1) avoids that, but its lock made the steps slower still.
+- JAX's persistent compilation cache (`enable_compilation_cache`): a resumed run, a second
+  tool or a rerun on the same shapes loads its programs instead of compiling them again.
+- On a CPU, glibc's malloc keeps freed memory for reuse (`keep_freed_memory_on_cpu`). XLA's
+  CPU runtime allocates and frees its large temporary buffers on every step, and glibc serves
+  blocks above its mmap threshold with fresh mappings that it unmaps on free, so every step
+  would fault in (and zero-fill) its working set page by page again. The process then holds
+  its peak footprint between steps instead of returning it.
 """
 import ctypes
 import ctypes.util
 import functools
+import os
 
 from absl import logging
 import jax
+
+DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qna_detr', 'jax')
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -45,3 +46,9 @@ def keep_freed_memory_on_cpu() -> bool:
   applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
   logging.info('Host allocator: freed memory kept for reuse: %s', applied)
   return applied
+
+
+def enable_compilation_cache(path: str = DEFAULT_CACHE_DIR) -> None:
+  """Turns on JAX's persistent compilation cache in `path` ('' = leave it off)."""
+  if path:
+    jax.config.update('jax_compilation_cache_dir', path)

@@ -4,7 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.detr.postprocess import postprocess, to_coco_results
+from qna_detr.detectors.detr.postprocess import postprocess
+from qna_detr.evaluation.coco_eval import to_coco_results
 
 # One image, three queries, two classes + no-object; logits are log-probabilities.
 PROBS = np.array([[[0.2, 0.7, 0.1],  # class 1 at 0.7

@@ -27,7 +27,7 @@ import numpy as np
 
 from qna_detr import parallel
 from qna_detr.backbones import base
-from qna_detr.backbones import pretrained
+from qna_detr.backbones import weights
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
 
@@ -35,14 +35,14 @@ DTYPES = {'float32': np.float32, 'float16': np.float16}
 INFO, INDEX = 'export_info.json', 'index.jsonl'
 
 
-def load_backbone_params(backbone: nn.Module, path: str) -> Any:
-  """The backbone's parameters from a checkpoint, checked against the backbone.
+def load_backbone_params(backbone: nn.Module, path: str, name: str) -> Any:
+  """The parameters of `backbone` (registry name `name`) from a checkpoint, checked.
 
-  `path`: an orbax step directory of this project (a detector's training checkpoint or a
-  classifier's) or one of the authors' released msgpack files, as `pretrained` reads them.
+  `path`: a checkpoint in one of the formats the backbone reads (`weights.FORMATS`): a step
+  directory of a detector or classifier of this project, an authors' release, ...
   """
   abstract = {'backbone': base.abstract_init(backbone)[1]}
-  params, report = pretrained.load_backbone(abstract, path)
+  params, report = weights.load_backbone(abstract, path, backbone=name)
   if report.missing or report.unexpected:
     raise ValueError(f'The checkpoint {path} does not hold the parameters of this config\'s '
                      f'backbone (was it written with another config?): {report.summary()}')

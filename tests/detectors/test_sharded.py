@@ -12,8 +12,8 @@ SCRIPT = textwrap.dedent('''
     import jax
     import numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-    from qna_detr.detr.losses import set_criterion
-    from qna_detr.detr.matcher import HungarianMatcher
+    from qna_detr.detectors.detr.losses import set_criterion
+    from qna_detr.detectors.detr.matcher import HungarianMatcher
 
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))

@@ -4,14 +4,12 @@ Predicted boxes are normalized to the unpadded extent of the resized image; the 
 whole original image onto that extent, so scaling by the original size alone gives original
 image coordinates, whatever the resize and the padding were.
 """
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from qna_detr.detr import box_ops
+from qna_detr.detectors.detr import box_ops
 
 
 def postprocess(outputs: Mapping[str, jax.Array], orig_sizes: jax.Array, *,
@@ -42,29 +40,3 @@ def postprocess(outputs: Mapping[str, jax.Array], orig_sizes: jax.Array, *,
     labels = jnp.take_along_axis(labels, order, axis=1)
     boxes = jnp.take_along_axis(boxes, order[..., None], axis=1)
   return {'scores': scores, 'labels': labels, 'boxes': boxes}
-
-
-def to_coco_results(detections: Mapping[str, Any], image_ids: Sequence[int],
-                    label_to_category_id: Sequence[int]) -> list[dict[str, Any]]:
-  """Turns `postprocess` output (on the host) into COCO result dicts.
-
-  Args:
-    detections: 'scores' `[B, K]`, 'labels' `[B, K]`, 'boxes' `[B, K, 4]` xywh.
-    image_ids: the COCO image id of each of the B images.
-    label_to_category_id: the COCO category id of each contiguous label.
-
-  Returns:
-    One `{'image_id', 'category_id', 'bbox', 'score'}` dict per detection, plain Python types.
-  """
-  scores, labels, boxes = (np.asarray(detections[k]) for k in ('scores', 'labels', 'boxes'))
-  if len(image_ids) != scores.shape[0]:
-    raise ValueError(f'image_ids has {len(image_ids)} entries for a batch of {scores.shape[0]}')
-  category_ids = np.asarray(label_to_category_id)
-  if labels.size and labels.max() >= len(category_ids):
-    raise ValueError(f'label_to_category_id has {len(category_ids)} entries but a detection '
-                     f'has label {labels.max()}')
-  return [{'image_id': int(image_id), 'category_id': int(category_ids[label]),
-           'bbox': [float(v) for v in box], 'score': float(score)}
-          for image_id, image_scores, image_labels, image_boxes
-          in zip(image_ids, scores, labels, boxes)
-          for score, label, box in zip(image_scores, image_labels, image_boxes)]

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from qna_detr.detr.position_encoding import sine_position_encoding
-from qna_detr.detr.transformer import Transformer
+from qna_detr.detectors.detr.position_encoding import sine_position_encoding
+from qna_detr.detectors.detr.transformer import Transformer
 
 Outputs = dict[str, Any]
 

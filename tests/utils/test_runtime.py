@@ -11,8 +11,8 @@ _SCRIPT = """
 import resource, sys
 import numpy as np
 if sys.argv[1] == 'keep':
-  from qna_detr.utils import host_memory
-  if not host_memory.keep_freed_memory_on_cpu():
+  from qna_detr.utils import runtime
+  if not runtime.keep_freed_memory_on_cpu():
     sys.exit(print('unsupported'))
 faults = []
 for cycle in range(5):

@@ -1,14 +1,15 @@
-"""Pretrained backbones: the authors' parameter names mapped onto ours, and our own checkpoints."""
+"""Pretrained weights: the authors' parameter names mapped onto ours, our own checkpoints,
+and which formats a backbone reads."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import serialization
 from flax import traverse_util
 import pytest
 
-from qna_detr.backbones import pretrained
+from qna_detr.backbones import weights
 from qna_detr.backbones.qna_vit import QnAViT, QnAViTSpec
+from qna_detr.utils import checkpoint_io
 
 SPEC = QnAViTSpec(dims=(8, 16, 32, 64), qna_blocks=(1, 1, 1, 0), qna_heads=(2, 4, 8, 16),
                   sa_blocks=(0, 0, 1, 1), sa_windows=(7, 7, 2, 2), sa_heads=(1, 2, 4, 8),
@@ -59,6 +60,12 @@ def _authors_tree(rng):
   return jax.tree.map(lambda x: np.asarray(x, np.float32), tree)
 
 
+def _save(directory, step, tree):
+  checkpoints = checkpoint_io.CheckpointDir(str(directory), create=True)
+  checkpoints.save(step, tree)
+  checkpoints.close()
+
+
 def _backbone_params():
   return QnAViT(SPEC).init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
 
@@ -68,7 +75,7 @@ def test_authors_checkpoint_fills_every_backbone_parameter(tmp_path):
   path = tmp_path / 'checkpoint_300'
   path.write_bytes(serialization.msgpack_serialize({'params': authors, 'step': 300}))
   detector = {'backbone': _backbone_params(), 'class_embed': {'kernel': np.zeros((4, 3))}}
-  loaded, report = pretrained.load_backbone(detector, str(path))
+  loaded, report = weights.load_backbone(detector, str(path))
   assert report.missing == [] and report.unexpected == []
   assert len(report.matched) == len(jax.tree.leaves(detector['backbone']))
   ours = loaded['backbone']
@@ -98,12 +105,9 @@ def test_own_checkpoint_and_a_report_of_gaps(tmp_path):
   del flat['stem/kernel']
   flat['extra/kernel'] = np.ones(3)
   partial = traverse_util.unflatten_dict(flat, sep='/')
-  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
-  manager.save(7, args=ocp.args.StandardSave({'params': {'backbone': partial, 'norm': {}}}))
-  manager.wait_until_finished()
-  manager.close()
+  _save(tmp_path / 'checkpoints', 7, {'params': {'backbone': partial}})
   fresh = {'backbone': _backbone_params()}
-  loaded, report = pretrained.load_backbone(fresh, str(tmp_path / 'checkpoints' / '7'))
+  loaded, report = weights.load_backbone(fresh, str(tmp_path / 'checkpoints' / '7'))
   assert report.missing == ['stem/kernel'] and report.unexpected == ['extra/kernel']
   np.testing.assert_array_equal(loaded['backbone']['stem']['kernel'],
                                 fresh['backbone']['stem']['kernel'])
@@ -113,24 +117,49 @@ def test_own_checkpoint_and_a_report_of_gaps(tmp_path):
 
 def test_wrong_variant_and_missing_file_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match='config.pretrained.path'):
-    pretrained.load_backbone({'backbone': {}}, str(tmp_path / 'nope'))
+    weights.load_backbone({'backbone': {}}, str(tmp_path / 'nope'))
   wide = QnAViT(QnAViTSpec(**{**SPEC.__dict__, 'dims': (16, 32, 64, 128)})).init(
       jax.random.key(0), jnp.zeros((1, 32, 32, 3)))['params']
   with pytest.raises(ValueError, match='stem/kernel'):
-    pretrained.merge_into(_backbone_params(), wide)
+    weights.merge_into(_backbone_params(), wide)
 
 
 def test_training_checkpoint_gives_its_moving_average(tmp_path):
   """A training run's checkpoint with a moving average: the average is what loads."""
   params = _backbone_params()
   average = jax.tree.map(lambda x: x + 2.0, params)
-  manager = ocp.CheckpointManager(str(tmp_path / 'checkpoints'))
-  manager.save(3, args=ocp.args.StandardSave({'params': {'backbone': params},
-                                              'ema_params': {'backbone': average}}))
-  manager.wait_until_finished()
-  manager.close()
-  loaded, report = pretrained.load_backbone({'backbone': _backbone_params()},
+  _save(tmp_path / 'checkpoints', 3, {'params': {'backbone': params},
+                                       'ema_params': {'backbone': average}})
+  loaded, report = weights.load_backbone({'backbone': _backbone_params()},
                                             str(tmp_path / 'checkpoints' / '3'))
   assert not report.missing and not report.unexpected
   np.testing.assert_allclose(loaded['backbone']['stage1_qna1']['mixer']['Wk'],
                              average['stage1_qna1']['mixer']['Wk'])
+
+
+def test_authors_directory_and_classifier_head(tmp_path):
+  """Their README passes the model's directory: its newest checkpoint_<N> loads, head too."""
+  old, new = _authors_tree(np.random.default_rng(1)), _authors_tree(np.random.default_rng(2))
+  for step, tree in ((100, old), (300, new)):
+    (tmp_path / f'checkpoint_{step}').write_bytes(
+        serialization.msgpack_serialize({'params': tree, 'step': step}))
+  classifier = {'backbone': _backbone_params(), 'norm': {'scale': np.zeros(64)},
+                'head': {'kernel': np.zeros((64, 10))}}
+  loaded, report = weights.load_classifier(classifier, str(tmp_path))
+  assert not report.missing and not report.unexpected
+  np.testing.assert_array_equal(loaded['head']['kernel'],
+                                new['ClassificationHead_0']['head_logits']['kernel'])
+  np.testing.assert_array_equal(loaded['norm']['scale'],
+                                new['ClassificationHead_0']['LayerNorm_0']['scale'])
+  np.testing.assert_array_equal(loaded['backbone']['stem']['kernel'],
+                                new['StemBlock_0']['conv_1x1']['kernel'])
+
+
+def test_a_format_the_backbone_does_not_read_is_named(tmp_path):
+  path = tmp_path / 'checkpoint_1'
+  path.write_bytes(serialization.msgpack_serialize({'params': _authors_tree(
+      np.random.default_rng(0))}))
+  with pytest.raises(ValueError, match=r"'authors' checkpoint; the backbone 'resnet50' reads"):
+    weights.read(str(path), backbone='resnet50')
+  with pytest.raises(ValueError, match='config.pretrained.format'):
+    weights.read(str(path), fmt='caffe')

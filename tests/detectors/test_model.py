@@ -8,8 +8,8 @@ import pytest
 from flax import linen as nn
 
 from qna_detr.backbones.base import FeatureMap
-from qna_detr.detr.model import DETR
-from qna_detr.detr.transformer import Transformer
+from qna_detr.detectors.detr.model import DETR
+from qna_detr.detectors.detr.transformer import Transformer
 
 STRIDE = 4
 

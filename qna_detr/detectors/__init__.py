@@ -1,0 +1,9 @@
+"""Detectors: the seam (`DetectorDef`) and the registry of builders (`build`, `register`).
+
+Importing the package registers the built-in detectors ('detr').
+"""
+from qna_detr.detectors.base import DetectorDef
+from qna_detr.detectors.registry import build, names, register
+from qna_detr.detectors.detr import builder as _detr  # noqa: F401  (registers 'detr')
+
+__all__ = ['DetectorDef', 'build', 'names', 'register']

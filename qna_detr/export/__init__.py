@@ -1,0 +1,1 @@
+"""Exports: backbone features of a dataset (`features`) and the serialized detector."""

@@ -1,0 +1,32 @@
+"""A run's phases, in turn: what `projects/qna_detr/main.py` does with a config.
+
+1. The toy set, where `config.toy_data` asks for it (`data.toy.prepare`): made once, then read
+   as a COCO folder like any other.
+2. The backbone's dense pretraining, where `config.backbone_pretraining.steps > 0`
+   (`dense_pretraining.run`): its result becomes `config.pretrained.path`.
+3. The detector's training and evaluation (`loop.train_and_evaluate`), resumed from the
+   workdir's checkpoint if it holds one (the earlier phases are then not needed again).
+"""
+from clu import metric_writers
+import jax
+import ml_collections
+
+from qna_detr.data import toy
+from qna_detr.train import dense_pretraining
+from qna_detr.train import loop
+
+
+def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
+  """The config checked, with the toy set's paths filled in where it uses one."""
+  config = loop.check_config(config)
+  dense_pretraining.check_config(config)
+  return toy.prepare(config, workdir)
+
+
+def run(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
+        writer: metric_writers.MetricWriter) -> dict[str, float]:
+  """Runs the phases; returns the final COCO metrics."""
+  config = prepare(config, workdir)
+  if config.backbone_pretraining.steps > 0 and not loop.has_checkpoint(workdir):
+    config.pretrained.path = dense_pretraining.run(config, workdir, writer)
+  return loop.train_and_evaluate(rng, config, workdir, writer)
