@@ -1,10 +1,11 @@
-"""The window softmax's hand-written gradients against autodiff of a direct implementation."""
+"""The window softmax's gradients, in every implementation, against autodiff of a direct
+implementation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.layers.qna import window_softmax_aggregate
+from qna_detr.layers.qna import IMPLEMENTATIONS, window_softmax_aggregate
 
 
 def direct(scores, values, valid, bias, scale, stride):
@@ -29,9 +30,10 @@ def direct(scores, values, valid, bias, scale, stride):
   return jnp.einsum('nbyxqh,nbyxhd->byxqhd', weighted, gathered)
 
 
+@pytest.mark.parametrize('implementation', [name for name in IMPLEMENTATIONS if name != 'auto'])
 @pytest.mark.parametrize('kernel,stride', [(3, 1), (3, 2), (5, 1), (5, 2)])
 @pytest.mark.parametrize('score_scale', [1.0, 1e3])  # 1e3: the exact path.
-def test_gradients_match_direct_autodiff(kernel, stride, score_scale):
+def test_gradients_match_direct_autodiff(kernel, stride, score_scale, implementation):
   rng = np.random.default_rng(kernel * 10 + stride)
   b, hgt, wid, nq, nh, hd = 2, 7, 9, 2, 3, 4
   scores = jnp.asarray(score_scale * rng.normal(size=(b, hgt, wid, nq, nh)), jnp.float32)
@@ -43,14 +45,16 @@ def test_gradients_match_direct_autodiff(kernel, stride, score_scale):
   cotangent = jnp.asarray(rng.normal(size=(b, -(-hgt // stride), -(-wid // stride), nq, nh, hd)),
                           jnp.float32)
 
+  def aggregate(*args):
+    return window_softmax_aggregate(*args, implementation)
+
   def loss(fn):
     return lambda s, v, bi, sc: jnp.sum(fn(s, v, valid, bi, sc, stride) * cotangent)
 
-  got = jax.grad(loss(window_softmax_aggregate), argnums=(0, 1, 2, 3))(scores, values, bias, scale)
+  got = jax.grad(loss(aggregate), argnums=(0, 1, 2, 3))(scores, values, bias, scale)
   want = jax.grad(loss(direct), argnums=(0, 1, 2, 3))(scores, values, bias, scale)
   args = (scores, values, valid, bias, scale, stride)
-  np.testing.assert_allclose(window_softmax_aggregate(*args), direct(*args), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(aggregate(*args), direct(*args), rtol=1e-4, atol=1e-5)
   for name, a, w in zip(('scores', 'values', 'bias', 'scale'), got, want):
     assert np.isfinite(np.asarray(a)).all(), name
     np.testing.assert_allclose(a, w, rtol=2e-4, atol=2e-5 * float(np.abs(w).max()), err_msg=name)
