@@ -79,10 +79,12 @@ class QnAViT(nn.Module):
     spec: the architecture.
     drop_path: overrides spec.drop_path when set (e.g. lower for detection fine-tuning).
     dtype: compute dtype; parameters stay float32.
+    qna_implementation: the QnA layers' implementation (`qna_detr.layers.qna.IMPLEMENTATIONS`).
   """
   spec: QnAViTSpec
   drop_path: Optional[float] = None
   dtype: jnp.dtype = jnp.float32
+  qna_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, images: Array, padding_mask: Optional[Array] = None, *,
@@ -116,13 +118,15 @@ class QnAViT(nn.Module):
                   name=f'stage{stage + 1}_sa{i + 1}')(x, mask, train=train)
       for i in range(spec.qna_blocks[stage]):
         mixer = QnA(dim, spec.qna_heads[stage], spec.qna_kernel,
-                    num_queries=spec.num_queries, dtype=self.dtype, parent=None)
+                    num_queries=spec.num_queries, dtype=self.dtype,
+                    implementation=self.qna_implementation, parent=None)
         x = Block(mixer, next(rates), dtype=self.dtype,
                   name=f'stage{stage + 1}_qna{i + 1}')(x, mask, train=train)
       pyramid.append(FeatureMap(jnp.where(mask[..., None], 0, x), mask))
       if stage + 1 < len(spec.dims):
         mixer = QnA(2 * dim, 2 * spec.qna_heads[stage], spec.qna_kernel, stride=2,
-                    num_queries=spec.num_queries, dtype=self.dtype, parent=None)
+                    num_queries=spec.num_queries, dtype=self.dtype,
+                    implementation=self.qna_implementation, parent=None)
         skip = nn.Conv(2 * dim, (1, 1), strides=2, padding='VALID', use_bias=False,
                        dtype=self.dtype, parent=None)
         x = Block(mixer, next(rates), skip=skip, dtype=self.dtype,
@@ -137,11 +141,13 @@ class QnAViTClassifier(nn.Module):
   num_classes: int
   drop_path: Optional[float] = None
   dtype: jnp.dtype = jnp.float32
+  qna_implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, images: Array, padding_mask: Optional[Array] = None, *,
                train: bool = False) -> Array:
-    last = QnAViT(self.spec, self.drop_path, self.dtype, name='backbone')(
+    last = QnAViT(self.spec, self.drop_path, self.dtype, self.qna_implementation,
+                  name='backbone')(
         images, padding_mask, train=train)[-1]
     x = nn.LayerNorm(dtype=self.dtype, name='norm')(last.features).astype(jnp.float32)
     weight = (~last.mask)[..., None].astype(jnp.float32)

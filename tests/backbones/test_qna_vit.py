@@ -1,4 +1,5 @@
 """QnA-ViT: the released parameter counts, its pyramid, and padded batches."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +7,7 @@ import pytest
 
 from qna_detr.backbones import registry
 from qna_detr.backbones.qna_vit import QnAViT, QnAViTClassifier, QnAViTSpec
+from qna_detr.layers.qna import QnA
 
 # The authors' released QnA-ViT checkpoints at 224 x 224 with a 1000-class head.
 RELEASED_PARAMS = {'qna_vit_tiny': 15.716e6, 'qna_vit_small': 24.972e6, 'qna_vit_base': 55.670e6}
@@ -90,3 +92,29 @@ def test_drop_path_rates_rise_linearly_over_all_blocks():
 def test_unknown_backbone_is_named():
   with pytest.raises(ValueError, match='qna_vit_huge'):
     registry.build({'backbone': 'qna_vit_huge'})
+
+
+@pytest.mark.parametrize('implementation', ['slices', 'conv'])
+def test_qna_implementation_reaches_every_qna_layer(implementation):
+  """Every QnA layer runs the implementation asked for, under the same parameter names."""
+  seen = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, QnA) and context.method_name == '__call__':
+      seen.append(context.module.implementation)
+    return next_fun(*args, **kwargs)
+
+  images = jnp.zeros((1, 32, 32, 3))
+
+  def init_shapes(model):
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), images))
+
+  with nn.intercept_methods(record):
+    shapes = init_shapes(QnAViTClassifier(SMALL, 5, qna_implementation=implementation))
+  assert seen == [implementation] * (sum(SMALL.qna_blocks) + len(SMALL.dims) - 1)
+  assert shapes == init_shapes(QnAViTClassifier(SMALL, 5))
+
+
+def test_unknown_qna_implementation_is_named():
+  with pytest.raises(ValueError, match='cudnn'):
+    QnAViT(SMALL, qna_implementation='cudnn').init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
