@@ -1,7 +1,8 @@
 """Times QnA against its local-attention peers, side by side on the same inputs.
 
 Layers (all with the same channels and heads, and the same window size k):
-  qna     QnA with its default 2 learned queries (window softmax as k x k window sums);
+  qna     QnA with its default 2 learned queries (window softmax as k x k window sums), one
+          row per implementation in `--implementations`: qna_slices, qna_conv, ...;
   sasa    SASA, the QnA paper's baseline: every pixel attends its own k x k neighbourhood,
           with keys and values gathered per pixel;
   window  Swin-style self-attention in non-overlapping k x k windows;
@@ -13,8 +14,9 @@ Each layer runs on one stride-4 feature map of a DETR-sized image (by default ba
 always passes one (and so no layer is specialized for an unpadded input). Passes: `fwd`, and
 `fwd_bwd` = gradients of sum(output) w.r.t. the parameters and the input.
 
-Time: the median wall time of the jitted, compiled call over `--repeats` calls after one
-warm-up call; a case stops repeating early once its timed calls have taken `--budget_s`
+Time: `compile_s`, the seconds `jax.jit(step).lower(...).compile()` takes, apart from
+`median_s`, the median wall time of the compiled call over `--repeats` calls after one warm-up
+call; a case stops repeating early once its timed calls have taken `--budget_s`
 (at least one timed call), so the defaults finish in minutes on a 2-core CPU, where the large-k
 backward passes take tens of seconds a call.
 Memory: `peak_bytes` = argument + output + temp bytes of the compiled executable's
@@ -22,6 +24,7 @@ Memory: `peak_bytes` = argument + output + temp bytes of the compiled executable
 XLA's static buffer assignment, the same for every layer, not a measured process peak.
 
   python tools/benchmark_qna.py [--json PATH] [--plot PATH] [--windows 3,7] [--layers qna,sasa]
+      [--implementations slices,conv]
 """
 import dataclasses
 import json
@@ -37,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from qna_detr.layers.qna import QnA
+from qna_detr.layers.qna import IMPLEMENTATIONS, QnA
 from qna_detr.layers.sasa import SASA
 from qna_detr.layers.window_attention import WindowAttention
 from qna_detr.utils import xla_stats
@@ -46,6 +49,7 @@ Array = jax.Array
 
 LAYERS = ('qna', 'sasa', 'window', 'floor')
 PASSES = ('fwd', 'fwd_bwd')
+QNA_PREFIX = 'qna_'  # A QnA row is named QNA_PREFIX + its implementation.
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 _PLOT = flags.DEFINE_string('plot', None, 'Also plot time and memory against k to this PNG.')
@@ -56,6 +60,9 @@ _CHANNELS = flags.DEFINE_integer('channels', 64, 'Channels D, in and out.')
 _HEADS = flags.DEFINE_integer('heads', 8, 'Attention heads of every layer.')
 _WINDOWS = flags.DEFINE_list('windows', ['3', '5', '7', '9', '11'], 'Window sizes k (odd).')
 _LAYERS = flags.DEFINE_list('layers', list(LAYERS), f'Layers to run, a subset of {LAYERS}.')
+_IMPLEMENTATIONS = flags.DEFINE_list(
+    'implementations', [name for name in IMPLEMENTATIONS if name != 'auto'],
+    f'QnA implementations, one row each, a subset of {IMPLEMENTATIONS}.')
 _PASSES = flags.DEFINE_list('passes', list(PASSES), f'Passes to run, a subset of {PASSES}.')
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed calls per case, after one warm-up call.')
 _BUDGET = flags.DEFINE_float('budget_s', 3.0,
@@ -91,17 +98,23 @@ class QnAFloor(nn.Module):
     return nn.Dense(self.features, use_bias=False, name='to_out')(summed)
 
 
+def row_names(layers: Sequence[str], implementations: Sequence[str]) -> list[str]:
+  """The rows to run: each layer, with 'qna' as one row per implementation."""
+  return [row for name in layers
+          for row in ([QNA_PREFIX + i for i in implementations] if name == 'qna' else [name])]
+
+
 def make_layer(name: str, features: int, heads: int, window: int) -> nn.Module:
-  """One of LAYERS at window size k = `window`."""
-  if name == 'qna':
-    return QnA(features, heads, window)
+  """The layer of row `name` (see `row_names`) at window size k = `window`."""
+  if name.startswith(QNA_PREFIX):
+    return QnA(features, heads, window, implementation=name.removeprefix(QNA_PREFIX))
   if name == 'sasa':
     return SASA(features, heads, window)
   if name == 'window':
     return WindowAttention(features, heads, window)
   if name == 'floor':
     return QnAFloor(features, heads, window)
-  raise ValueError(f'Unknown layer {name!r}; choose from {LAYERS}.')
+  raise ValueError(f'Unknown layer {name!r}; choose from {LAYERS} (QnA as {QNA_PREFIX}*).')
 
 
 def make_step(layer: nn.Module, pass_name: str) -> Callable:
@@ -149,20 +162,20 @@ def measure(step: Callable, args: tuple, repeats: int, budget_s: float
   return float(np.median(times)), int(peak), len(times), compile_s
 
 
-def run_all(layers: Sequence[str], windows: Sequence[int], passes: Sequence[str]
+def run_all(rows: Sequence[str], windows: Sequence[int], passes: Sequence[str]
             ) -> list[Result]:
-  """Every (layer, window, pass) case on the same input, logging progress and an ETA."""
+  """Every (row, window, pass) case on the same input, logging progress and an ETA."""
   key_x, key_params = jax.random.split(jax.random.PRNGKey(_SEED.value))
   shape = (_BATCH.value, _HEIGHT.value, _WIDTH.value, _CHANNELS.value)
   x = jax.random.normal(key_x, shape, jnp.float32)
   padding_mask = jnp.zeros(shape[:3], bool)
-  num_cases = len(windows) * len(layers) * len(passes)
+  num_cases = len(windows) * len(rows) * len(passes)
   # Most of the cost grows with k^2; the ETA assumes it does.
-  total_weight, done_weight = len(layers) * len(passes) * sum(k * k for k in windows), 0
+  total_weight, done_weight = len(rows) * len(passes) * sum(k * k for k in windows), 0
   results = []
   start = time.perf_counter()
   for k in windows:
-    for name in layers:
+    for name in rows:
       layer = make_layer(name, _CHANNELS.value, _HEADS.value, k)
       # Parameter shapes do not depend on H x W: initialize on a small input.
       params = jax.jit(layer.init)(key_params, x[:1, :k, :k], padding_mask[:1, :k, :k])
@@ -187,50 +200,62 @@ def _ratio(a: Optional[Result], b: Optional[Result], field: str) -> str:
   return f'{getattr(a, field) / getattr(b, field):.2f}'
 
 
+def _rows(results: Sequence[Result]) -> list[str]:
+  """The row names of `results`, in the order they ran."""
+  return list(dict.fromkeys(r.layer for r in results))
+
+
 def format_table(results: Sequence[Result]) -> str:
-  """Per pass and window: time (s) and peak memory (MiB) of each layer, and QnA's ratios."""
+  """Per pass, window and row: time (s), peak memory (MiB), compile time (s), and for QnA
+  rows their time and memory over SASA's and their time over the floor's."""
   index = {(r.layer, r.window, r.pass_name): r for r in results}
-  layers = [name for name in LAYERS if any(r.layer == name for r in results)]
-  header = (f"{'pass':<8}{'k':>3} " + ''.join(f'{n + " s":>10}' for n in layers) + ' '
-            + ''.join(f'{n + " MiB":>11}' for n in layers)
-            + f"{'qna/sasa t':>12}{'qna/sasa mem':>14}{'qna/floor t':>13}")
-  lines = [header]
+  lines = [f"{'pass':<8}{'k':>3}  {'layer':<12}{'time s':>9}{'peak MiB':>10}{'compile s':>11}"
+           f"{'qna/sasa t':>12}{'qna/sasa mem':>14}{'qna/floor t':>13}"]
   for pass_name in PASSES:
     for k in sorted({r.window for r in results if r.pass_name == pass_name}):
-      row = {n: index.get((n, k, pass_name)) for n in layers}
-      lines.append(
-          f'{pass_name:<8}{k:>3} '
-          + ''.join(f'{row[n].median_s:>10.3f}' if row[n] else f'{"-":>10}' for n in layers)
-          + ' ' + ''.join(f'{row[n].peak_bytes / 2**20:>11.0f}' if row[n] else f'{"-":>11}'
-                          for n in layers)
-          + f"{_ratio(row.get('qna'), row.get('sasa'), 'median_s'):>12}"
-          + f"{_ratio(row.get('qna'), row.get('sasa'), 'peak_bytes'):>14}"
-          + f"{_ratio(row.get('qna'), row.get('floor'), 'median_s'):>13}")
+      sasa, floor = index.get(('sasa', k, pass_name)), index.get(('floor', k, pass_name))
+      for name in _rows(results):
+        r = index.get((name, k, pass_name))
+        if r is None:
+          continue
+        line = (f'{pass_name:<8}{k:>3}  {name:<12}{r.median_s:>9.3f}'
+                f'{r.peak_bytes / 2**20:>10.0f}{r.compile_s:>11.1f}')
+        if name.startswith(QNA_PREFIX):
+          line += (f"{_ratio(r, sasa, 'median_s'):>12}{_ratio(r, sasa, 'peak_bytes'):>14}"
+                   f"{_ratio(r, floor, 'median_s'):>13}")
+        lines.append(line)
   return '\n'.join(lines)
 
 
+def _met(ok: bool) -> str:
+  return 'met' if ok else 'MISSED'
+
+
 def format_goals(results: Sequence[Result]) -> str:
-  """The project's goals for QnA, each with what was measured (reported, never asserted)."""
+  """The project's goals for QnA, per implementation, each with what was measured (reported,
+  never asserted; they are set for the platform's own implementation)."""
   index = {(r.layer, r.window, r.pass_name): r for r in results}
   lines = []
-  qna, sasa = index.get(('qna', 7, 'fwd_bwd')), index.get(('sasa', 7, 'fwd_bwd'))
-  if qna and sasa:
-    speedup, saving = sasa.median_s / qna.median_s, sasa.peak_bytes / qna.peak_bytes
-    lines.append(f'k=7 fwd_bwd: QnA {speedup:.2f}x faster than SASA (goal >= 5): '
-                 f"{'met' if speedup >= 5 else 'MISSED'}")
-    lines.append(f'k=7 fwd_bwd: QnA {saving:.2f}x less peak memory than SASA (goal >= 10): '
-                 f"{'met' if saving >= 10 else 'MISSED'}")
+  sasa = index.get(('sasa', 7, 'fwd_bwd'))
+  for name in _rows(results):
+    qna = index.get((name, 7, 'fwd_bwd'))
+    if name.startswith(QNA_PREFIX) and qna and sasa:
+      speedup, saving = sasa.median_s / qna.median_s, sasa.peak_bytes / qna.peak_bytes
+      lines.append(f'k=7 fwd_bwd: {name} {speedup:.2f}x faster than SASA (goal >= 5): '
+                   f'{_met(speedup >= 5)}')
+      lines.append(f'k=7 fwd_bwd: {name} {saving:.2f}x less peak memory than SASA '
+                   f'(goal >= 10): {_met(saving >= 10)}')
   for r in results:
     floor = index.get(('floor', r.window, r.pass_name))
-    if r.layer == 'qna' and floor:
+    if r.layer.startswith(QNA_PREFIX) and floor:
       ratio = r.median_s / floor.median_s
-      lines.append(f'k={r.window} {r.pass_name}: QnA {ratio:.2f}x its floor\'s time '
-                   f"(goal <= 1.5): {'met' if ratio <= 1.5 else 'MISSED'}")
+      lines.append(f"k={r.window} {r.pass_name}: {r.layer} {ratio:.2f}x its floor's time "
+                   f'(goal <= 1.5): {_met(ratio <= 1.5)}')
   return '\n'.join(lines)
 
 
 def plot(results: Sequence[Result], path: str, title: str) -> None:
-  """Time and peak memory against k, one column per pass, one line per layer (log scale)."""
+  """Time and peak memory against k, one column per pass, one line per row (log scale)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -238,7 +263,7 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
   passes = [p for p in PASSES if any(r.pass_name == p for r in results)]
   fig, axes = plt.subplots(2, len(passes), figsize=(6 * len(passes), 8), squeeze=False)
   for col, pass_name in enumerate(passes):
-    for name in LAYERS:
+    for name in _rows(results):
       rows = sorted((r for r in results if r.layer == name and r.pass_name == pass_name),
                     key=lambda r: r.window)
       if not rows:
@@ -263,10 +288,11 @@ def plot(results: Sequence[Result], path: str, title: str) -> None:
 
 def main(argv: Sequence[str]) -> None:
   del argv
-  unknown = set(_LAYERS.value) - set(LAYERS) | set(_PASSES.value) - set(PASSES)
+  unknown = (set(_LAYERS.value) - set(LAYERS) | set(_PASSES.value) - set(PASSES)
+             | set(_IMPLEMENTATIONS.value) - set(IMPLEMENTATIONS))
   if unknown:
-    raise app.UsageError(f'Unknown layers or passes {sorted(unknown)}; layers are {LAYERS}, '
-                         f'passes {PASSES}.')
+    raise app.UsageError(f'Unknown layers, passes or implementations {sorted(unknown)}; layers '
+                         f'are {LAYERS}, passes {PASSES}, implementations {IMPLEMENTATIONS}.')
   windows = [int(k) for k in _WINDOWS.value]
   if any(k < 1 or k % 2 == 0 for k in windows):
     raise app.UsageError(f'--windows must be positive odd integers, got {windows}.')
@@ -274,7 +300,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f'--repeats must be >= 1, got {_REPEATS.value}.')
 
   start, start_cpu = time.perf_counter(), time.process_time()
-  results = run_all(_LAYERS.value, windows, _PASSES.value)
+  results = run_all(row_names(_LAYERS.value, _IMPLEMENTATIONS.value), windows, _PASSES.value)
   total_s, total_cpu_s = time.perf_counter() - start, time.process_time() - start_cpu
   device = jax.devices()[0]
   title = (f'{device.platform}: {device.device_kind} ({platform.machine()}, '
@@ -283,8 +309,8 @@ def main(argv: Sequence[str]) -> None:
   print(title)
   # CPU time next to wall time shows when other processes shared the machine.
   print(f'median of up to {_REPEATS.value} calls after a warm-up (budget {_BUDGET.value:g}s a '
-        f'case); peak = argument + output + temp bytes of the compiled call; '
-        f'total {total_s:.0f}s wall, {total_cpu_s:.0f}s process CPU')
+        f'case); peak = argument + output + temp bytes of the compiled call; compile = '
+        f'lower + compile; total {total_s:.0f}s wall, {total_cpu_s:.0f}s process CPU')
   print(format_table(results))
   goals = format_goals(results)
   if goals:
