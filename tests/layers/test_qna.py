@@ -143,11 +143,11 @@ def test_bad_mask_shape_is_named():
     QnA(16, 4).init(jax.random.key(0), jnp.zeros((1, 8, 8, 16)), jnp.zeros((1, 8, 7), bool))
 
 
-def _window_inputs(kernel: int, size: int = 12, dtype=jnp.float32) -> tuple:
+def _window_inputs(kernel: int, size: int = 12) -> tuple:
   """Random window softmax inputs: B=1, size x size, 2 queries, 2 heads of width 8."""
   rng = np.random.default_rng(kernel)
   return (jnp.asarray(rng.normal(size=(1, size, size, 2, 2)), jnp.float32),
-          jnp.asarray(rng.normal(size=(1, size, size, 2, 8)), dtype),
+          jnp.asarray(rng.normal(size=(1, size, size, 2, 8)), jnp.float32),
           jnp.asarray(rng.random((1, size, size)) > 0.1),
           jnp.asarray(rng.normal(size=(kernel, kernel, 2, 2)), jnp.float32),
           jnp.asarray(rng.normal(size=(kernel, kernel, 2, 2)), jnp.float32))
