@@ -124,7 +124,7 @@ def resize(image: tf.Tensor, boxes: tf.Tensor, size: tf.Tensor) -> tuple[tf.Tens
   """Resizes to `size` (h, w) with antialiased bilinear filtering (PIL's, which DETR uses).
 
   Returns the float32 image and the boxes scaled by the same factors. Antialiasing only
-  changes shrinking, so enlarging takes TensorFlow's plain bilinear path, 5x faster.
+  changes shrinking, so enlarging takes TensorFlow's plain (faster) bilinear path.
   """
   size = tf.convert_to_tensor(size, tf.int32)
   old = tf.shape(image)[:2]

@@ -166,7 +166,7 @@ def test_explicit_bucket_shapes_must_hold_the_largest_images(toy_config):
 @pytest.mark.parametrize('overrides, split, match', [
     ({'name': 'imagenet'}, 'train', 'Unknown config.dataset.name'),
     ({}, 'test', "split must be 'train' or 'val'"),
-    ({'name': 'coco_folder'}, 'train', 'config.dataset.train_json must be set'),
+    ({'train_json': ''}, 'train', 'config.dataset.train_json must be set'),
 ])
 def test_bad_config_is_named(toy_config, overrides, split, match):
   toy_config.dataset.update(overrides)

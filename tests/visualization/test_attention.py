@@ -169,14 +169,13 @@ def test_image_files_match_the_split(toy_config):
   """Image files given by path go through the split's evaluation transform: same inputs."""
   from qna_detr.data import image_folder
   from qna_detr.data import pipeline
-  from qna_detr.data import toy
   from qna_detr.visualization import inputs
   config = ml_collections.ConfigDict(toy_config.to_dict())
   build = lambda **kw: pipeline.build_dataset(config, split='val', global_batch_size=2,
                                               shuffle_seed=0, train=False, **kw)
   examples = list(inputs.from_split(build(), 2))
   files = {im['id']: im['file_name'] for im in build().coco_ground_truth()['images']}
-  folder = toy.paths(config.dataset.data_dir)['val_images']
+  folder = config.dataset.val_images
   paths = [f'{folder}/{files[int(e.name)]}' for e in reversed(examples)]
   source, skipped = image_folder.image_files(paths)
   from_files = list(inputs.from_split(build(source=source), 2, {0: 'b', 1: 'a'}))
