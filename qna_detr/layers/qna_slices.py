@@ -150,7 +150,7 @@ def _forward(scores, values, valid, bias, scale, stride):
   return qna_softmax.fast_aggregate(window_sum, scores, values, valid, bias, scale, stride)
 
 
-def _backward(scores, values, valid, bias, scale, stride, out, g):
+def _backward(scores, values, valid, bias, scale, stride, g_out, g):
   """Cotangents of the fast path.
 
   The weights and normalizers are recomputed once for all queries (maps of Q * h channels).
@@ -159,7 +159,6 @@ def _backward(scores, values, valid, bias, scale, stride, out, g):
   cotangents (reductions over every pixel and offset, the costliest part) go for all queries
   at once, so the values are read once for all of them.
   """
-  g_out = qna_softmax.output_cotangent(g, out)
   weights, bias_exp = qna_softmax.fast_weights(scores, valid, bias)
   inv = qna_softmax.inverse(window_sum(weights, bias_exp, stride))
 

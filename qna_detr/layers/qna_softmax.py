@@ -68,11 +68,6 @@ def fast_aggregate(window_sum: WindowSum, scores: Array, values: Array, valid: A
   return num * inverse(den)[..., None], safe
 
 
-def output_cotangent(g: Array, out: Array) -> Array:
-  """Sum_d g * out [B, Ho, Wo, Q, h]: all the normalizer's cotangent needs of the output."""
-  return (g * out).sum(-1)
-
-
 class _Offsets:
   """Views of padded [B, H + 2p, W + 2p, ...] maps at one window offset of every output.
 
@@ -152,12 +147,11 @@ def exact_aggregate(scores: Array, values: Array, valid: Array, bias: Array, sca
 
 
 def exact_grads(scores: Array, values: Array, valid: Array, bias: Array, scale: Array,
-                stride: int, out: Array, g: Array) -> Grads:
+                stride: int, g_out: Array, g: Array) -> Grads:
   """Cotangents of the exact path from normalized attention a, one offset at a time:
   dl = a (Ws (g . V) - g . out) for every logit l = S + B, dWs = a (g . V), dV = a Ws g."""
   k = bias.shape[0]
   pad = (k - 1) // 2
-  g_out = output_cotangent(g, out)
   views, padded_values, weight = _exact_setup(scores, values, valid, bias, stride)
   inv = inverse(jax.lax.fori_loop(0, k * k, lambda o, d: d + weight(o),
                                   jnp.zeros(g_out.shape, jnp.float32)))
@@ -188,9 +182,11 @@ class FastPath(NamedTuple):
 
   forward(scores, values, valid, bias, scale, stride) -> (out, safe): `fast_aggregate` with
     the implementation's window sums.
-  backward(scores, values, valid, bias, scale, stride, out, g) -> Grads: the cotangents of
-    scores, values, bias and scale for the output cotangent g (float32), recomputed from the
-    inputs, so no residual outlives the forward pass but the inputs and the output.
+  backward(scores, values, valid, bias, scale, stride, g_out, g) -> Grads: the cotangents of
+    scores, values, bias and scale for the output cotangent g (float32), with
+    g_out = Sum_d g * out [B, Ho, Wo, Q, h], all the normalizer's cotangent needs of the
+    output; recomputed from the inputs, so no residual outlives the forward pass but the
+    inputs and the output.
   branch_backward: whether `backward` runs inside the conditional that picks it or the exact
     path's cotangents (leaner: its buffers are the branch's), rather than before it (XLA's CPU
     backend runs a depthwise convolution's kernel gradient inside a conditional tens of times
@@ -204,8 +200,8 @@ class FastPath(NamedTuple):
 def autodiff_path(aggregate: Callable[..., tuple[Array, Array]]) -> FastPath:
   """The FastPath of a differentiable `fast_aggregate`-like function: its cotangents are
   autodiff's, of the forward pass recomputed in the backward pass."""
-  def backward(scores, values, valid, bias, scale, stride, out, g):
-    del out
+  def backward(scores, values, valid, bias, scale, stride, g_out, g):
+    del g_out
 
     def differentiable(s, v, b, sc):
       return aggregate(s, v, valid, b, sc, stride)[0]
@@ -234,7 +230,9 @@ def with_exact_fallback(fast: FastPath) -> Callable[..., Array]:
   def _backward(stride, saved, g):
     *inputs, out, safe = saved
     g = g.astype(jnp.float32)
-    precomputed = None if fast.branch_backward else fast.backward(*inputs, stride, out, g)
+    # Passed to the branches instead of the output: a conditional's operands may be copied.
+    g_out = (g * out).sum(-1)
+    precomputed = None if fast.branch_backward else fast.backward(*inputs, stride, g_out, g)
 
     def fast_grads(*args):
       if precomputed is not None:
@@ -243,7 +241,7 @@ def with_exact_fallback(fast: FastPath) -> Callable[..., Array]:
 
     d_scores, d_values, d_bias, d_scale = jax.lax.cond(
         safe, fast_grads, lambda *args: exact_grads(*args[:5], stride, *args[5:]),
-        *inputs, out, g)
+        *inputs, g_out, g)
     return d_scores, d_values, None, d_bias, d_scale
 
   aggregate.defvjp(_forward, _backward)
