@@ -185,3 +185,14 @@ def test_memory_does_not_grow_with_window_area(implementation):
     return compiled.memory_analysis().temp_size_in_bytes
 
   assert temp_bytes(11) <= 1.5 * temp_bytes(3)
+
+
+def test_conv_program_does_not_grow_with_window_area():
+  """The accelerator path unrolls nothing per window offset: the same operations, forward and
+  backward, at k = 3 and k = 11."""
+  def operations(kernel):
+    text = _value_and_grads('conv').lower(*_window_inputs(kernel)).as_text()
+    return sorted(line.split('=', 1)[-1].split('(')[0].split()[0] for line in text.splitlines()
+                  if ' = ' in line and 'stablehlo.' in line)
+
+  assert operations(11) == operations(3)
