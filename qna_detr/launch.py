@@ -3,7 +3,8 @@ otherwise, with one set of flags and one meaning for each.
 
 Both give `main(rng, config, workdir, writer)` the config of `--config=FILE` (with
 `--config.KEY=VALUE` overrides), `--workdir` (joined with `config.workdir_suffix` if set),
-rng = PRNGKey(config.rng_seed) and a CLU writer (TensorBoard files on process 0), and take:
+rng = PRNGKey(config.rng_seed) and the project's TensorBoard writer (`utils.tensorboard`, on
+process 0), and take:
   --coordinator_address, --num_processes, --process_id  join a run over several processes
       through `jax.distributed` (before JAX starts, whichever launcher runs);
   --compilation_cache_dir  JAX's persistent compilation cache ('' = off), so that a resumed
@@ -11,21 +12,24 @@ rng = PRNGKey(config.rng_seed) and a CLU writer (TensorBoard files on process 0)
   --dataset_service_address  refused: the input pipeline does not use the tf.data service;
   -v / --verbosity  absl's: at 0 (INFO) other libraries' INFO lines show too.
 With Scenic importable, the input pipeline is also registered in Scenic's dataset registry
-(`data.scenic_dataset`).
+(`data.scenic_dataset`). An error that stops the run is repeated as the console's last line.
 """
 import functools
+import logging
 import os
+import sys
 from typing import Callable
 
 from absl import app
 from absl import flags
-from absl import logging
 import jax
 
 from qna_detr.data import scenic_dataset
 from qna_detr.utils import runtime
+from qna_detr.utils import tensorboard
 
 FLAGS = flags.FLAGS
+logger = logging.getLogger(__name__)
 
 _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for runs over several processes.')
@@ -36,15 +40,18 @@ _CACHE_DIR = flags.DEFINE_string('compilation_cache_dir', runtime.DEFAULT_CACHE_
 
 if not scenic_dataset.available():  # Scenic's app defines these three itself.
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file('config', None, 'Training configuration file.',
-                                  lock_config=False)
-  flags.DEFINE_string('workdir', None, 'Work unit directory.')
-  flags.DEFINE_string('dataset_service_address', None, 'Address of the tf.data service.')
+  config_flags.DEFINE_config_file('config', None, 'Experiment config file (configs/*.py); '
+                                  'override keys with --config.KEY=VALUE.', lock_config=False)
+  flags.DEFINE_string('workdir', None, 'Work unit directory: checkpoints, logs, results.')
+  flags.DEFINE_string('dataset_service_address', None,
+                      'Address of a tf.data service (not supported: leave unset).')
   flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _initialize() -> None:
   """After flag parsing, before either launcher touches JAX."""
+  runtime.configure_logging()
+  logger.info('Launcher: %s', launcher())
   if FLAGS.dataset_service_address:
     raise app.UsageError('--dataset_service_address: the qna_detr input pipeline does not use '
                          'the tf.data service; leave it unset.')
@@ -54,22 +61,36 @@ def _initialize() -> None:
   runtime.keep_freed_memory_on_cpu()
 
 
+def _with_project_writer(main: Callable) -> Callable:
+  """`main` given the project's writer (whatever the launcher made), and its error, if it
+  fails, repeated as the last line of the console."""
+  def run(*, rng, config, workdir, writer):
+    if writer is not None:
+      writer.close()  # Scenic's; ours writes scalars that every event reader finds.
+    writer = tensorboard.create(workdir, jax.process_index() == 0)
+    try:
+      main(rng=rng, config=config, workdir=workdir, writer=writer)
+    except Exception as e:
+      logger.exception('The run stopped')
+      print(f'\nERROR: {type(e).__name__}: {e}', file=sys.stderr, flush=True)
+      sys.exit(1)
+    finally:
+      writer.close()
+  return run
+
+
 def _run_main(argv, *, main: Callable) -> None:
   """The project's launcher: what `scenic.app.run` does before calling `main`."""
   del argv
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  from clu import metric_writers  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # Keep TF off accelerators JAX needs.
   config = FLAGS.config
   workdir = FLAGS.workdir
   if 'workdir_suffix' in config:
     workdir = os.path.join(workdir, config.workdir_suffix)
-  logging.info('JAX process %d / %d, devices: %s', jax.process_index(), jax.process_count(),
-               jax.devices())
-  rng = jax.random.PRNGKey(config.rng_seed)
-  writer = metric_writers.create_default_writer(
-      workdir, just_logging=jax.process_index() > 0, asynchronous=True)
-  main(rng=rng, config=config, workdir=workdir, writer=writer)
+  logger.info('JAX process %d / %d, devices: %s', jax.process_index(), jax.process_count(),
+              jax.devices())
+  main(rng=jax.random.PRNGKey(config.rng_seed), config=config, workdir=workdir, writer=None)
 
 
 def launcher() -> str:
@@ -77,9 +98,22 @@ def launcher() -> str:
   return 'scenic' if scenic_dataset.available() else 'qna_detr'
 
 
+def flag_modules() -> list:
+  """The modules defining the entry point's flags: an entry point adopts their key flags
+  (`flags.adopt_module_key_flags`) so that its `--help` lists them."""
+  if launcher() == 'scenic':
+    from scenic import app as scenic_app  # pylint: disable=g-import-not-at-top
+    return [sys.modules[__name__], scenic_app]
+  return [sys.modules[__name__]]
+
+
 def run(main: Callable) -> None:
-  """Runs a Scenic-style `main` under the launcher of `launcher()`."""
+  """Runs a Scenic-style `main` under the launcher of `launcher()`; `--help` prints the
+  entry point's doc and key flags and exits 0."""
+  main = _with_project_writer(main)
   app.call_after_init(_initialize)
+  if any(arg in ('--help', '-h', '-?', '--helpshort') for arg in sys.argv[1:]):
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
   if launcher() == 'scenic':
     from scenic import app as scenic_app  # pylint: disable=g-import-not-at-top
     scenic_app.run(main)

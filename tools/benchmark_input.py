@@ -17,7 +17,6 @@ import os
 import tempfile
 import time
 
-from absl import app
 from absl import flags
 import ml_collections
 import numpy as np
@@ -25,6 +24,7 @@ import numpy as np
 from qna_detr.data import batching
 from qna_detr.data import pipeline
 from qna_detr.data import toy
+from qna_detr.utils import runtime
 
 _JSON = flags.DEFINE_string('json', None, 'Write the figures to this JSON file.')
 _NUM_TRAIN = flags.DEFINE_integer('num_train', 256, 'Training images to write.')
@@ -122,4 +122,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

@@ -16,9 +16,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
+from absl import flags
 
 from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher
+from qna_detr.utils import runtime
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')
 _REPEATS = flags.DEFINE_integer('repeats', 20, 'Timed calls per case (after one warm-up call).')
@@ -91,4 +92,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

@@ -11,7 +11,6 @@ import json
 import statistics
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -132,4 +131,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

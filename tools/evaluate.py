@@ -10,7 +10,6 @@ detections.json (COCO results, original category ids) and per_category_ap.txt to
 """
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -24,9 +23,11 @@ from qna_detr.evaluation import predict
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
 from qna_detr.train import phases
+from qna_detr.utils import runtime
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
+    lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory; default: '
                                   'the newest intact one in the workdir.')
@@ -34,12 +35,12 @@ _SPLIT = flags.DEFINE_enum('split', 'validation', ['validation', 'val', 'train']
                            'Split of the config\'s dataset to evaluate.')
 _OUTPUT = flags.DEFINE_string('output', None,
                               'Where to write the results (default: WORKDIR/eval/<step>).')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str,
                         output: str | None) -> dict[str, float]:
-  config = phases.prepare(config, workdir)
+  config = phases.config_of_run(workdir, config)
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
@@ -67,4 +68,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

@@ -18,7 +18,6 @@ export with the same arguments continues after its last complete shard.
 import os
 import time
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -33,10 +32,12 @@ from qna_detr.data import pipeline
 from qna_detr.export import features
 from qna_detr.train import checkpoints
 from qna_detr.train import phases
+from qna_detr.utils import runtime
 from qna_detr.utils import checkpoint_io
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
+    lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.')
 _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', None, 'A checkpoint step directory or an authors\' msgpack file; default: the '
@@ -52,7 +53,7 @@ _SIZE = flags.DEFINE_integer('size', None, 'Resize images so that their longer s
 _DTYPE = flags.DEFINE_enum('dtype', 'float32', sorted(features.DTYPES),
                            'Storage type of the features.')
 _SHARD_SIZE = flags.DEFINE_integer('shard_size', 64, 'Images per shard.', lower_bound=1)
-flags.mark_flags_as_required(['config', 'workdir', 'output'])
+flags.mark_flags_as_required(['workdir', 'output'])
 flags.mark_flags_as_mutual_exclusive(['split', 'image_dir'], required=True)
 
 
@@ -94,7 +95,7 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
                     shard_size: int) -> int:
   """Runs (or resumes) the export; returns the number of images computed by this call."""
   start = time.time()
-  config = phases.prepare(config, workdir)
+  config = phases.config_of_run(workdir, config)
   _resize_to(config, size)
   backbone = registry.build(config.model)
   channels = base.pyramid_levels(backbone)
@@ -139,4 +140,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

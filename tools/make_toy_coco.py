@@ -6,10 +6,10 @@ Layout: DIR/annotations/instances_{train,val}.json and the images in DIR/{train,
 The same seed gives the same dataset.
 """
 
-from absl import app
 from absl import flags
 
 from qna_detr.data import toy
+from qna_detr.utils import runtime
 
 _OUTPUT = flags.DEFINE_string('output', None, 'Output folder.', required=True)
 _TRAIN = flags.DEFINE_integer('train', 1000, 'Number of training images.', lower_bound=0)
@@ -28,4 +28,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

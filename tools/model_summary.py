@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from qna_detr import backbones  # noqa: F401  (registers the backbones)
 from qna_detr.backbones import registry
 from qna_detr.utils import xla_stats
+from qna_detr.utils import runtime
 
 _BACKBONE = flags.DEFINE_enum('backbone', 'qna_vit_tiny', registry.names(), 'Backbone variant.')
 _NUM_CLASSES = flags.DEFINE_integer(
@@ -80,4 +81,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

@@ -6,7 +6,9 @@ Writes WORKDIR/backbone_pretraining (checkpoints, settings.json), resuming a kil
 `projects/qna_detr/main.py` on the same workdir and config then starts DETR from its result.
 The same flags as the main entry point.
 """
-from clu import metric_writers
+from typing import Any
+
+from absl import flags
 import jax
 import ml_collections
 
@@ -14,9 +16,12 @@ from qna_detr import launch
 from qna_detr.train import dense_pretraining
 from qna_detr.train import phases
 
+for _module in launch.flag_modules():
+  flags.adopt_module_key_flags(_module)
+
 
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
-         writer: metric_writers.MetricWriter) -> None:
+         writer: Any) -> None:
   del rng  # The phase derives its keys from config.rng_seed.
   config = phases.prepare(config, workdir)
   if config.backbone_pretraining.steps < 1:

@@ -22,7 +22,6 @@ and once (with --kind=kernels):
 from collections.abc import Sequence
 import os
 
-from absl import app
 from absl import flags
 from absl import logging
 import jax
@@ -36,14 +35,16 @@ from qna_detr.data import pipeline
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
 from qna_detr.train import phases
+from qna_detr.utils import runtime
 from qna_detr.visualization import capture
 from qna_detr.visualization import figures
 from qna_detr.visualization import inputs
 
 KINDS = ('detections', 'attention', 'kernels')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
-                                          lock_config=False)
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
+    lock_config=False)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.')
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None,
                                   'A checkpoint step directory; default: the latest in workdir.')
@@ -61,7 +62,7 @@ _QUERY = flags.DEFINE_integer('query', 0, 'Learned query of the layer.')
 _MIN_SIDE = flags.DEFINE_integer('min_side', 256, 'Scale pictures up (integer factors) until '
                                  'their shorter side has at least this many pixels.')
 _LIST_LAYERS = flags.DEFINE_bool('list_layers', False, 'Print the QnA layers and exit.')
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.mark_flags_as_required(['workdir'])
 
 
 def _save(image, output: str, name: str) -> str:
@@ -106,7 +107,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   bad = sorted(set(kinds) - set(KINDS))
   if bad or not kinds:
     raise ValueError(f'--kind={",".join(kinds)}: choose from {KINDS}.')
-  config = phases.prepare(config, workdir)
+  config = phases.config_of_run(workdir, config)
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
@@ -152,7 +153,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
 def main(argv):
   del argv
   if not _OUTPUT.value and not _LIST_LAYERS.value:
-    raise app.UsageError('--output is required.')
+    raise flags.ValidationError('--output is required.')
   written = visualize(_CONFIG.value, _WORKDIR.value, _CHECKPOINT.value, _OUTPUT.value,
                       split=_SPLIT.value, images=_IMAGES.value, num_images=_NUM_IMAGES.value,
                       kinds=_KIND.value, threshold=_THRESHOLD.value, layer=_LAYER.value,
@@ -163,4 +164,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

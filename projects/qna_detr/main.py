@@ -6,16 +6,21 @@ Runs through `scenic.app.run` when Scenic is importable, otherwise through the p
 launcher with the same flags (`qna_detr.launch`). The config's phases run in turn
 (`qna_detr.train.phases`); a workdir that holds a checkpoint is resumed.
 """
-from clu import metric_writers
+from typing import Any
+
+from absl import flags
 import jax
 import ml_collections
 
 from qna_detr import launch
 from qna_detr.train import phases
 
+for _module in launch.flag_modules():
+  flags.adopt_module_key_flags(_module)
+
 
 def main(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
-         writer: metric_writers.MetricWriter) -> None:
+         writer: Any) -> None:
   phases.run(rng, config, workdir, writer)
 
 

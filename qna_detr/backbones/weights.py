@@ -15,11 +15,11 @@ has them); a detector takes its 'backbone'.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import zipfile
 from typing import Any, Callable
 
-from absl import logging
 from flax import traverse_util
 import numpy as np
 
@@ -27,6 +27,8 @@ from qna_detr.backbones import authors_weights
 from qna_detr.backbones import registry
 from qna_detr.backbones import torchvision_weights
 from qna_detr.utils import checkpoint_io
+
+logger = logging.getLogger(__name__)
 
 Tree = dict[str, Any]
 FORMATS = ('auto', 'qna_detr', 'authors', 'torchvision')
@@ -96,7 +98,7 @@ def _reshape_like(value: np.ndarray, target_shape: tuple[int, ...], name: str) -
 
 
 def merge_into(target: Tree, source: Tree,
-               log: Callable[[str], None] = logging.info) -> tuple[Tree, LoadReport]:
+               log: Callable[[str], None] = logger.info) -> tuple[Tree, LoadReport]:
   """`target` with every parameter that `source` provides replaced."""
   flat_target = traverse_util.flatten_dict(target, sep='/')
   flat_source = traverse_util.flatten_dict(source, sep='/')
@@ -119,7 +121,7 @@ def load_backbone(params: Tree, path: str, fmt: str = 'auto',
   tree, left_out = read(path, fmt, backbone)
   others = [k for k in tree if k != 'backbone']
   if left_out or others:
-    logging.info('Pretrained checkpoint entries outside the backbone, not loaded: %s',
+    logger.info('Pretrained checkpoint entries outside the backbone, not loaded: %s',
                  sorted(left_out + others)[:20])
   loaded, report = merge_into(params['backbone'], tree['backbone'])
   return {**params, 'backbone': loaded}, report
@@ -130,5 +132,5 @@ def load_classifier(params: Tree, path: str, fmt: str = 'auto',
   """A classifier's params (backbone, norm and head) replaced from `path`."""
   tree, left_out = read(path, fmt, backbone)
   if left_out:
-    logging.info('Pretrained checkpoint entries not loaded: %s', left_out[:20])
+    logger.info('Pretrained checkpoint entries not loaded: %s', left_out[:20])
   return merge_into(params, tree)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
 from typing import Any
 
-from absl import logging
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +138,7 @@ def parse(data: dict[str, Any], path: str, *, skip_bad_examples: bool) -> CocoAn
     boxes.append((x, y, x + w, y + h))
     labels.append(label_of[ann['category_id']])
   if num_empty:
-    logging.warning('%s: %d annotations have zero width or height; they stay in the ground '
+    logger.warning('%s: %d annotations have zero width or height; they stay in the ground '
                     'truth and are left out of the training targets.', path, num_empty)
 
   examples = [

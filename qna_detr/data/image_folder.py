@@ -10,13 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import concurrent.futures
+import logging
 import os
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 
 from qna_detr.data import sources
+
+logger = logging.getLogger(__name__)
 
 # The formats tf.io.decode_image reads.
 EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
@@ -64,7 +66,7 @@ def image_files(paths: Sequence[str], root: str = '') -> tuple[sources.Source, l
   for path, (size, problem) in zip(paths, checks):
     name = os.path.relpath(path, root) if root else path
     if problem:
-      logging.warning('Skipping %s: %s', path, problem)
+      logger.warning('Skipping %s: %s', path, problem)
       skipped.append(f'{name}: {problem}')
     else:
       images.append({'id': len(images), 'file_name': name, 'height': size[0], 'width': size[1],

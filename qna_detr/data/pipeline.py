@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Any, Callable, Iterator
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -29,6 +29,8 @@ from qna_detr.data import batching
 from qna_detr.data import sources
 from qna_detr.data import toy
 from qna_detr.data import transforms
+
+logger = logging.getLogger(__name__)
 
 Batch = dict[str, np.ndarray]
 Example = sources.Example
@@ -205,7 +207,7 @@ def _bucket_shapes(cfg: ml_collections.ConfigDict, source: sources.Source,
       output_sizes(sizes, aug),
       num_buckets=cfg.num_buckets, multiple=cfg.bucket_multiple,
       max_output_shape=aug.max_output_shape, max_rescale=_max_rescale(cfg, train))
-  logging.info('Derived %s: %s', key, [list(s) for s in shapes])
+  logger.info('Derived %s: %s', key, [list(s) for s in shapes])
   return shapes
 
 
@@ -226,10 +228,8 @@ def _example_fn(source: sources.Source, aug: transforms.Augmentation,
     ex = source.load(element)
     orig_size = tf.shape(ex['image'])[:2]
     boxes, labels = transforms.clip_boxes(ex['boxes'], ex['labels'], orig_size[0], orig_size[1])
-    geometry = transforms.sample_geometry(orig_size[0], orig_size[1], seed, aug)
-    index, size = batching.assign_buckets(geometry['size'][None], bucket_table, max_rescale)
-    index, size = index[0], size[0]
-    image, boxes, labels = transforms.apply_geometry(ex['image'], boxes, labels, geometry, size)
+    index, image, boxes, labels, size = _transform(ex['image'], boxes, labels, seed, aug,
+                                                   bucket_table, max_rescale)
 
     num_boxes = tf.shape(boxes)[0]
     if num_boxes > max_boxes:
@@ -239,7 +239,7 @@ def _example_fn(source: sources.Source, aug: transforms.Augmentation,
     box_pad = [[0, max_boxes - kept]]
     boxes = transforms.to_normalized_cxcywh(boxes[:kept], size[0], size[1])
     return index, {
-        'image': tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8),
+        'image': image,
         'boxes': tf.ensure_shape(tf.pad(boxes, box_pad + [[0, 0]]), [max_boxes, 4]),
         'labels': tf.ensure_shape(tf.pad(labels[:kept], box_pad), [max_boxes]),
         'box_mask': tf.ensure_shape(tf.pad(tf.ones([kept], tf.bool), box_pad), [max_boxes]),
@@ -250,6 +250,28 @@ def _example_fn(source: sources.Source, aug: transforms.Augmentation,
     }
 
   return fn
+
+
+def _transform(image: tf.Tensor, boxes: tf.Tensor, labels: tf.Tensor, seed: tf.Tensor,
+               aug: transforms.Augmentation, bucket_table: tf.Tensor, max_rescale: float):
+  """(bucket index, uint8 image resized to fit it, boxes, labels, size) of one image."""
+  geometry = transforms.sample_geometry(tf.shape(image)[0], tf.shape(image)[1], seed, aug)
+  index, size = batching.assign_buckets(geometry['size'][None], bucket_table, max_rescale)
+  index, size = index[0], size[0]
+  image, boxes, labels = transforms.apply_geometry(image, boxes, labels, geometry, size)
+  image = tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8)
+  return index, image, boxes, labels, size
+
+
+def eval_image(image: tf.Tensor, cfg: ml_collections.ConfigDict,
+               buckets: tuple[tuple[int, int], ...]) -> tuple[int, tf.Tensor]:
+  """(bucket index, uint8 [h, w, 3] image resized as evaluation resizes it) of one decoded
+  [H, W, 3] uint8 image; `cfg` is `config.dataset`, `buckets` its evaluation shapes."""
+  index, image, _, _, _ = _transform(
+      tf.convert_to_tensor(image, tf.uint8), tf.zeros([0, 4], tf.float32),
+      tf.zeros([0], tf.int32), tf.constant([0, 0], tf.int64), augmentation(cfg, train=False),
+      tf.constant(buckets, tf.int32), 1.0)
+  return int(index), image
 
 
 def _batch_bucket(buckets: tuple[tuple[int, int], ...], batch_size: int, drop_remainder: bool):
@@ -265,8 +287,9 @@ def _batch_bucket(buckets: tuple[tuple[int, int], ...], batch_size: int, drop_re
   return reduce
 
 
-def _finish_batch(batch: Example) -> Example:
-  """Normalizes the padded uint8 images, with 0.0 and a True mask at padded pixels."""
+def finish_batch(batch: Example) -> Example:
+  """Normalizes the padded uint8 images ('image' [B, H, W, 3], 'size' [B, 2] unpadded),
+  with 0.0 and a True mask at padded pixels: 'inputs' and 'padding_mask'."""
   batch = dict(batch)
   image = batch.pop('image')
   rows = tf.range(tf.shape(image)[1])[None, :, None]
@@ -330,7 +353,7 @@ def build_dataset(config: ml_collections.ConfigDict, *, split: str, global_batch
   ds = ds.group_by_window(key_func=lambda index, _: tf.cast(index, tf.int64),
                           reduce_func=_batch_bucket(buckets, batch_size, drop_remainder=train),
                           window_size=batch_size)
-  ds = ds.map(_finish_batch, num_parallel_calls=tf.data.AUTOTUNE)
+  ds = ds.map(finish_batch, num_parallel_calls=tf.data.AUTOTUNE)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1

@@ -13,15 +13,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import logging
 import os
 from typing import Any, Callable
 
-from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qna_detr.data import coco_json
+
+logger = logging.getLogger(__name__)
 
 Example = dict[str, tf.Tensor]
 
@@ -112,7 +114,7 @@ def coco_folder(json_path: str, image_dir: str, *, skip_bad_examples: bool,
                                 skip_bad_examples=skip_bad_examples)
   annotations = _check_image_files(annotations, image_dir, skip_bad_examples)
   if annotations.skipped:
-    logging.warning('Skipped %d bad examples of %s:\n  %s', len(annotations.skipped),
+    logger.warning('Skipped %d bad examples of %s:\n  %s', len(annotations.skipped),
                     json_path, '\n  '.join(annotations.skipped))
   images = annotations.images
   if not images:

@@ -75,8 +75,13 @@ def format_per_category(per_category: dict[str, float]) -> str:
 
 def write_results(output_dir: str, metrics: dict, per_category: dict,
                   detections: Sequence[dict[str, Any]]) -> None:
-  """metrics.json, detections.json (COCO results format) and per_category_ap.txt."""
+  """metrics.json (pycocotools' values, with a note where one is its -1 for 'no ground truth
+  in that range'), detections.json (COCO results format) and per_category_ap.txt."""
   os.makedirs(output_dir, exist_ok=True)
+  missing = [k for k, v in metrics.items() if v == -1]
+  if missing:
+    metrics = {**metrics, 'note': f'-1 ({", ".join(missing)}): pycocotools found no ground '
+                                  'truth in that range (e.g. no large objects)'}
   with open(os.path.join(output_dir, 'metrics.json'), 'w') as f:
     json.dump(metrics, f, indent=2)
   with open(os.path.join(output_dir, 'detections.json'), 'w') as f:

@@ -1,17 +1,20 @@
 """A detector's detections over an evaluation split, data parallel over all devices, and their
 COCO evaluation."""
+import logging
 import time
 from typing import Any, Callable, Optional
 
-from absl import logging
 import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 from qna_detr import parallel
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
 from qna_detr.detectors import DetectorDef
 from qna_detr.evaluation import coco_eval
+
+logger = logging.getLogger(__name__)
 
 META_KEYS = ('image_id', 'valid')
 INPUT_KEYS = ('inputs', 'padding_mask', 'orig_size')
@@ -35,6 +38,7 @@ def predict_dataset(detector: DetectorDef, params: Any, dataset: DetectionDatase
     for index, batch in enumerate(dataset.iterator(fixed_length=jax.process_count() > 1)):
       arrays = batching.to_global_arrays({k: batch[k] for k in INPUT_KEYS}, sharding)
       result = jax.device_get(jitted(params, arrays))
+      _check_finite(result, batch['image_id'][batch['valid']])
       meta = {k: batch[k] for k in META_KEYS}
       if jax.process_count() > 1:
         meta = multihost_utils.process_allgather(meta, tiled=True)
@@ -46,8 +50,16 @@ def predict_dataset(detector: DetectorDef, params: Any, dataset: DetectionDatase
       if log_every and (index + 1) % log_every == 0:
         elapsed = time.time() - start
         eta = f', ETA {elapsed / (index + 1) * (total - index - 1):.0f}s' if total else ''
-        logging.info('eval batch %d/%s (%.1fs%s)', index + 1, total or '?', elapsed, eta)
+        logger.info('eval batch %d/%s (%.1fs%s)', index + 1, total or '?', elapsed, eta)
   return detections
+
+
+def _check_finite(result: dict[str, Any], image_ids) -> None:
+  """Non-finite scores or boxes (a diverged model) would reach pycocotools as detections."""
+  bad = [k for k in ('scores', 'boxes') if not np.isfinite(result[k]).all()]
+  if bad:
+    raise FloatingPointError(f'The detector predicts non-finite {" and ".join(bad)} (images '
+                             f'{list(image_ids)[:5]}): are its parameters finite?')
 
 
 def evaluate(detector: DetectorDef, params: Any, dataset: DetectionDataset,

@@ -15,11 +15,11 @@ lines are complete, and a rerun with the same settings continues after them: ima
 the same order every time, and those of complete shards are not computed again.
 """
 import json
+import logging
 import os
 import time
 from typing import Any, Callable, Iterator, Sequence
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -30,6 +30,8 @@ from qna_detr.backbones import base
 from qna_detr.backbones import weights
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
+
+logger = logging.getLogger(__name__)
 
 DTYPES = {'float32': np.float32, 'float16': np.float16}
 INFO, INDEX = 'export_info.json', 'index.jsonl'
@@ -220,7 +222,7 @@ def _log_progress(done: int, total: int, resumed: int, start: float) -> None:
   elapsed = time.time() - start
   rate = (done - resumed) / max(elapsed, 1e-9)
   eta = (total - done) / rate if rate else float('inf')
-  logging.info('Exported %d/%d images, %.1f images/s, ETA %.0fs', done, total, rate, eta)
+  logger.info('Exported %d/%d images, %.1f images/s, ETA %.0fs', done, total, rate, eta)
 
 
 def export(dataset: DetectionDataset, extract_fn: Callable, params: Any, writer: ShardWriter,
@@ -232,7 +234,7 @@ def export(dataset: DetectionDataset, extract_fn: Callable, params: Any, writer:
   params = jax.device_put(params, parallel.replicated(mesh))
   total, resumed = dataset.num_examples, len(writer.done)
   if resumed:
-    logging.info('Resuming after %d exported images', resumed)
+    logger.info('Resuming after %d exported images', resumed)
   start = last_log = time.time()
   with jax.set_mesh(mesh):
     done_ids = [e['image_id'] for e in writer.done]

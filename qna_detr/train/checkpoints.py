@@ -7,15 +7,17 @@ resumed run reads exactly the batches an uninterrupted run would have read, with
 the input pipeline. A run resumes from the newest intact step: broken newer ones are named in
 a warning and skipped.
 """
+import logging
 import os
 import shutil
 from typing import Any, Optional
 
-from absl import logging
 import jax
 import tensorflow as tf
 
 from qna_detr.utils import checkpoint_io
+
+logger = logging.getLogger(__name__)
 
 SUBDIR = 'checkpoints'
 
@@ -27,7 +29,7 @@ class Checkpointer:
     self._data_dir = os.path.join(root, 'data_state')
     self._states = checkpoint_io.CheckpointDir(os.path.join(root, SUBDIR), keep=keep,
                                                create=True)
-    self._states.remove_incomplete(logging.warning)
+    self._states.remove_incomplete(logger.warning)
 
   @property
   def directory(self) -> str:
@@ -57,13 +59,13 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, iterator: Optional[tf.data.Iterator] = None) -> Any:
     """The newest intact state; the iterator too when one is given and was saved."""
-    step, state = self._states.restore_newest_intact(abstract_state, logging.warning)
+    step, state = self._states.restore_newest_intact(abstract_state, logger.warning)
     if iterator is not None:
       path = self._data_path(step)
       if tf.io.gfile.exists(path + '.index'):
         tf.train.Checkpoint(iterator=iterator).read(path).assert_consumed()
       else:
-        logging.warning('No data iterator state for step %d at %s: the input pipeline starts '
+        logger.warning('No data iterator state for step %d at %s: the input pipeline starts '
                         'from its beginning.', step, path)
     return state
 
@@ -95,7 +97,7 @@ def load_state(workdir: str, checkpoint: Optional[str], abstract_state: Any) -> 
   try:
     if step_dir:
       return step_dir, states.restore(int(os.path.basename(step_dir)), abstract_state)
-    step, state = states.restore_newest_intact(abstract_state, logging.warning)
+    step, state = states.restore_newest_intact(abstract_state, logger.warning)
     return states.step_dir(step), state
   finally:
     states.close()

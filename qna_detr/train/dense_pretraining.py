@@ -14,10 +14,10 @@ A phase of its own (`tools/pretrain_backbone.py`, or before training when
 starts from. A finished phase is reused only by a config with the same settings.
 """
 import json
+import logging
 import os
 from typing import Any, Callable
 
-from absl import logging
 from clu import metric_writers
 import flax.linen as nn
 import jax
@@ -32,6 +32,9 @@ from qna_detr.data import batching
 from qna_detr.train import checkpoints
 from qna_detr.train import loop
 from qna_detr.train import train_step
+from qna_detr.train import workdir as run_files
+
+logger = logging.getLogger(__name__)
 
 Array = jax.Array
 BATCH_KEYS = ('inputs', 'padding_mask', 'boxes', 'labels', 'box_mask', 'size')
@@ -165,22 +168,13 @@ def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
       'rng_seed': config.rng_seed}))
 
 
-def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
-  """{'a.b': leaf} of nested dicts."""
-  if not isinstance(tree, dict):
-    return {prefix: tree}
-  return {name: leaf for key, value in tree.items()
-          for name, leaf in _flatten(value, f'{prefix}.{key}' if prefix else key).items()}
-
-
 def _check_settings(directory: str, settings: dict[str, Any]) -> None:
   """Records the settings of a new phase, or refuses a phase made with other settings."""
   path = os.path.join(directory, 'settings.json')
   if os.path.exists(path):
     with open(path) as f:
       made = json.load(f)
-    new, old = _flatten(settings), _flatten(made)
-    differ = sorted(k for k in new.keys() | old.keys() if new.get(k) != old.get(k))
+    differ = run_files.differing_keys(made, settings)
     if differ:
       raise ValueError(f'{directory} holds a backbone pretraining made with other settings '
                        f'(config.{", config.".join(differ[:6])}): delete it to pretrain anew, '
@@ -208,7 +202,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   result = os.path.join(checkpointer.directory, str(cfg.steps))
   if checkpointer.latest_step() == cfg.steps:
     checkpointer.close()
-    logging.info('Backbone pretraining: reusing %s', result)
+    logger.info('Backbone pretraining: reusing %s', result)
     return result
   train_ds, _ = loop.build_datasets(config)
   backbone = backbones.build(config.model)
@@ -225,13 +219,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
   iterator = iter(train_ds.tf_dataset)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator)
-    logging.info('Backbone pretraining: resumed from step %d', int(state.step))
+    logger.info('Backbone pretraining: resumed from step %d', int(state.step))
   step = train_step.make_train_step(
       model, make_loss(train_ds.num_classes, stride / cfg.upsample, cfg.edge_weight), tx,
       {'all': schedule})
   step_fn = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                     out_shardings=(replicated, replicated), donate_argnums=0)
-  logging.info('Backbone pretraining: %d steps of dense class maps and box edges (weight %g) '
+  logger.info('Backbone pretraining: %d steps of dense class maps and box edges (weight %g) '
                'at stride %g (%s, feature stride %d)', cfg.steps, cfg.edge_weight,
                stride / cfg.upsample, config.model.backbone, stride)
   sharding = parallel.batch_sharding(mesh)
@@ -239,11 +233,13 @@ def run(config: ml_collections.ConfigDict, workdir: str,
                              log_every=config.log_every_steps,
                              checkpoint_every=config.checkpoint_every_steps,
                              checkpointer=checkpointer, writer=writer, name=SUBDIR)
-  loop.run_steps(step_fn, state,
-                 lambda: batching.next_global_batch(iterator, sharding, BATCH_KEYS), iterator,
-                 steps_loop, mesh)
-  checkpointer.close()
-  logging.info('Backbone pretraining: saved %s', result)
+  try:
+    loop.run_steps(step_fn, state,
+                   lambda: batching.next_global_batch(iterator, sharding, BATCH_KEYS), iterator,
+                   steps_loop, mesh)
+  finally:
+    checkpointer.close()
+  logger.info('Backbone pretraining: saved %s', result)
   return result
 
 

@@ -15,9 +15,9 @@ uninterrupted one would.
 from collections.abc import Iterator
 import dataclasses
 import functools
+import logging
 import time
 
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -27,6 +27,8 @@ from qna_detr.data import batching
 from qna_detr.data import pipeline
 from qna_detr.data.pipeline import DetectionDataset
 from qna_detr.detectors import DetectorDef
+
+logger = logging.getLogger(__name__)
 
 @dataclasses.dataclass(frozen=True)
 class FeatureCache:
@@ -100,7 +102,7 @@ def build(detector: DetectorDef, backbone_params, dataset: DetectionDataset) -> 
         parts[key].append(view[key][keep])
   arrays = {k: np.concatenate(v) for k, v in parts.items()}
   cache = FeatureCache(arrays.pop('features'), arrays.pop('padding_mask'), arrays)
-  logging.info('Feature cache: %d entries of %s, %.0f MB, built in %.0fs', len(cache),
+  logger.info('Feature cache: %d entries of %s, %.0f MB, built in %.0fs', len(cache),
                cache.features.shape[1:], cache.features.nbytes / 2**20, time.time() - start)
   return cache
 

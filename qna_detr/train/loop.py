@@ -8,11 +8,12 @@ backbone's dense pretraining.
 """
 from collections.abc import Callable, Sequence
 import dataclasses
+import logging
+import math
 import os
 import time
 from typing import Any, Optional
 
-from absl import logging
 from clu import metric_writers
 from clu import periodic_actions
 import jax
@@ -26,11 +27,15 @@ from qna_detr.backbones import weights
 from qna_detr.data import pipeline
 from qna_detr.detectors import DetectorDef
 from qna_detr.evaluation import coco_eval
+from qna_detr.evaluation import pictures
 from qna_detr.evaluation import predict
 from qna_detr.train import checkpoints
 from qna_detr.train import inputs
 from qna_detr.train import optimizer
 from qna_detr.train import train_step
+from qna_detr.train import workdir as run_files
+
+logger = logging.getLogger(__name__)
 
 
 def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
@@ -113,33 +118,87 @@ class StepLoop:
   periodic: Sequence[tuple[int, Callable[[int, Any], None]]] = ()
 
 
+class NonFiniteLoss(FloatingPointError):
+  """The loss or the gradient norm of a step is NaN or inf."""
+
+
+def _check_finite(history: Sequence[dict[str, Any]], first_step: int, loop: StepLoop) -> None:
+  """Raises NonFiniteLoss naming the first step of `history` (host metrics of steps
+  first_step, first_step + 1, ...) whose loss or gradient norm is not finite."""
+  for offset, metrics in enumerate(history):
+    values = {k: float(metrics[k]) for k in ('loss', 'grad_norm') if k in metrics}
+    if not all(math.isfinite(v) for v in values.values()):
+      latest = loop.checkpointer.latest_step()
+      last_good = (f'the last good checkpoint is {loop.checkpointer.directory}/{latest}'
+                   if latest is not None else 'no checkpoint was written yet')
+      raise NonFiniteLoss(
+          f'{loop.name} step {first_step + offset}: loss {values.get("loss")}, gradient norm '
+          f'{values.get("grad_norm")}; stopped, {last_good} (a lower learning rate, or '
+          'gradient clipping, may help)')
+
+
+def _duration(seconds: float) -> str:
+  minutes, seconds = divmod(int(round(seconds)), 60)
+  hours, minutes = divmod(minutes, 60)
+  return f'{hours}h{minutes:02d}m' if hours else f'{minutes}m{seconds:02d}s'
+
+
+def _console_line(loop: StepLoop, step: int, scalars: dict[str, float], eta_s: float) -> str:
+  """'train 120/6000  loss 6.412 (ce 1.103 bbox 0.402 giou 0.513)  lr head 4.0e-04 ...'."""
+  parts = [k for k in scalars if k != 'loss' and not k[-1].isdigit()
+           and not k.startswith('lr_') and k not in ('grad_norm', 'step_time_s', 'images_per_s')]
+  terms = ' '.join(f'{k.removeprefix("loss_")} {scalars[k]:.4g}' for k in parts)
+  rates = ' '.join(f'{k[3:]} {v:.1e}' for k, v in scalars.items() if k.startswith('lr_'))
+  line = f'{loop.name} {step}/{loop.total_steps}  loss {scalars["loss"]:.4f}'
+  line += f' ({terms})' if terms else ''
+  line += f'  lr {rates}' if rates else ''
+  if 'grad_norm' in scalars:
+    line += f'  grad {scalars["grad_norm"]:.3g}'
+  return line + f'  {scalars["images_per_s"]:.0f} img/s  ETA {_duration(eta_s)}'
+
+
 def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
               iterator: Optional[Any], loop: StepLoop, mesh: jax.sharding.Mesh) -> Any:
   """Runs `step_fn` from the state's step to `loop.total_steps`; returns the last state.
 
-  Logs the mean metrics, step time and images/s every `log_every` steps, saves the state
-  (with `iterator`) every `checkpoint_every` steps and at the end.
+  Every `log_every` steps: the mean metrics, step time and images/s to the writer and one
+  console line (ETA from the steps after the first, which compiles). Every
+  `checkpoint_every` steps and at the end: the state (with `iterator`). A non-finite loss
+  or gradient norm stops the run (NonFiniteLoss) before anything after it is saved.
   """
   start_step = int(state.step)
   prefix = '' if loop.name == 'train' else f'{loop.name}/'
   report = periodic_actions.ReportProgress(num_train_steps=loop.total_steps, writer=loop.writer,
-                                           every_secs=60)
-  history, last_log = [], (start_step, time.time())
+                                           every_steps=loop.log_every, every_secs=None)
+  history, last_log, compiled_at = [], (start_step, time.time()), None
   with jax.set_mesh(mesh):
     for step in range(start_step + 1, loop.total_steps + 1):
       with jax.profiler.StepTraceAnnotation(loop.name, step_num=step):
         state, metrics = step_fn(state, next_batch())
+      if compiled_at is None:  # Steps are timed from the end of the first one.
+        jax.block_until_ready(metrics)
+        compiled_at = (step, time.time())
       history.append(metrics)
       report(step)
       last = step == loop.total_steps
-      if step % loop.log_every == 0 or last:
+      logs, saves = step % loop.log_every == 0 or last, step % loop.checkpoint_every == 0 or last
+      if logs or saves:
+        host = jax.device_get(history)
+        _check_finite(host, step - len(host) + 1, loop)
+      if logs:
         scalars = train_step.mean_metrics(history)
-        seconds = (time.time() - last_log[1]) / (step - last_log[0])
+        now = time.time()
+        seconds = (now - last_log[1]) / (step - last_log[0])
         scalars.update(step_time_s=seconds, images_per_s=loop.batch_size / seconds)
         loop.writer.write_scalars(step, {prefix + k: v for k, v in scalars.items()})
-        history, last_log = [], (step, time.time())
-      if step % loop.checkpoint_every == 0 or last:
+        rate = (step - compiled_at[0]) / max(now - compiled_at[1], 1e-9)
+        eta = (loop.total_steps - step) / rate if step > compiled_at[0] else float('nan')
+        logger.info(_console_line(loop, step, scalars, eta if math.isfinite(eta) else 0.0))
+        history, last_log = [], (step, now)
+      if saves:
         loop.checkpointer.save(step, state, iterator)
+        logger.info('%s step %d: checkpoint %s/%d', loop.name, step,
+                    loop.checkpointer.directory, step)
       for every, callback in loop.periodic:
         if step % every == 0 and not last:
           callback(step, state)
@@ -162,17 +221,18 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   config = check_config(config)
   mesh = parallel.data_mesh()
   train_ds, val_ds = build_datasets(config)
+  run_files.save_dataset(workdir, train_ds, val_ds)
   detector = detectors.build(config, train_ds.num_classes)
   epoch_steps = optimizer.steps_per_epoch(train_ds.num_examples, config.batch_size)
   total_steps = config.num_train_steps if config.num_train_steps > 0 else (
       config.num_epochs * epoch_steps)
   mask = frozen_mask(config, detector)
   tx, schedules = optimizer.build_optimizer(config, epoch_steps, total_steps, mask)
-  logging.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
+  logger.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
                'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
                config.batch_size, epoch_steps, jax.device_count())
   if config.optimizer.freeze_backbone:
-    logging.info('Backbone frozen: the train step runs no backward pass through it')
+    logger.info('Backbone frozen: the train step runs no backward pass through it')
 
   state = jax.jit(lambda key: create_state(config, detector, tx, key, train_ds.bucket_shapes[0]),
                   out_shardings=parallel.replicated(mesh))(rng)
@@ -180,7 +240,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   source = inputs.build(config, detector, train_ds)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator=source.iterator)
-    logging.info('Resumed from step %d in %s', int(state.step), workdir)
+    logger.info('Resumed from step %d in %s', int(state.step), workdir)
   else:
     state = load_pretrained(state, config, mesh)
   next_batch, step_detector = source.start(state.params, int(state.step) + 1,
@@ -188,20 +248,28 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   step_fn = jit_train_step(config, step_detector, tx, schedules, mask, mesh)
 
   def evaluate(step: int, state: train_step.TrainState) -> tuple[dict, dict, str, list]:
+    start = time.time()
     result = predict.evaluate(detector, state.eval_params, val_ds, mesh, config.eval_top_k)
-    writer.write_scalars(step, {f'val/{k}': v for k, v in result[0].items()})
+    metrics = result[0]
+    # pycocotools' -1: no ground truth in that range (e.g. no large objects); not a value.
+    writer.write_scalars(step, {f'val/{k}': v for k, v in metrics.items() if v >= 0})
+    if jax.process_index() == 0:
+      writer.write_images(step, {f'val/pictures/{i}': picture for i, picture in
+                                 enumerate(pictures.validation_pictures(val_ds, result[3]))})
+    logger.info('train step %d: validation AP %.4f, AP50 %.4f, AP75 %.4f, AR100 %.4f (%d '
+                'images, %.0fs)', step, metrics['AP'], metrics['AP50'], metrics['AP75'],
+                metrics['AR100'], val_ds.num_examples, time.time() - start)
     return result
-
-  def evaluate_during(step: int, state: train_step.TrainState) -> None:
-    logging.info('step %d validation:\n%s', step, evaluate(step, state)[2])
 
   eval_every = max(1, round(config.eval_every_epochs * epoch_steps))
   loop = StepLoop(total_steps=total_steps, batch_size=config.batch_size,
                   log_every=config.log_every_steps,
                   checkpoint_every=config.checkpoint_every_steps, checkpointer=checkpointer,
-                  writer=writer, periodic=[(eval_every, evaluate_during)])
-  state = run_steps(step_fn, state, next_batch, source.iterator, loop, mesh)
-  checkpointer.close()
+                  writer=writer, periodic=[(eval_every, evaluate)])
+  try:
+    state = run_steps(step_fn, state, next_batch, source.iterator, loop, mesh)
+  finally:
+    checkpointer.close()
 
   metrics, per_category, summary, detections = evaluate(total_steps, state)
   writer.flush()

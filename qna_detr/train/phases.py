@@ -14,19 +14,39 @@ import ml_collections
 from qna_detr.data import toy
 from qna_detr.train import dense_pretraining
 from qna_detr.train import loop
+from qna_detr.train import workdir as run_files
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The config checked, with the toy set's paths filled in where it uses one."""
   config = loop.check_config(config)
   dense_pretraining.check_config(config)
+  if (config.optimizer.freeze_backbone and not config.pretrained.path
+      and config.backbone_pretraining.steps == 0 and not loop.has_checkpoint(workdir)):
+    raise ValueError('config.optimizer.freeze_backbone=True, but neither '
+                     'config.pretrained.path nor config.backbone_pretraining.steps gives the '
+                     'backbone weights: it would stay at its random initialization.')
   return toy.prepare(config, workdir)
+
+
+def config_of_run(workdir: str,
+                  given: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
+  """The config of the run in `workdir` (WORKDIR/config.json), for the tools. A `given`
+  config must equal it; it is used alone where the workdir has no config.json."""
+  if given is not None:
+    given = prepare(given, workdir)
+    if not run_files.has_config(workdir):
+      return given
+  return run_files.load(workdir, given)[0]
 
 
 def run(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
         writer: metric_writers.MetricWriter) -> dict[str, float]:
-  """Runs the phases; returns the final COCO metrics."""
+  """Runs the phases; returns the final COCO metrics. WORKDIR/config.json records the
+  config (`train.workdir`)."""
   config = prepare(config, workdir)
+  run_files.save_config(workdir, config)
+  writer.write_texts(0, {'config': f'```\n{config}\n```'})
   if config.backbone_pretraining.steps > 0 and not loop.has_checkpoint(workdir):
     config.pretrained.path = dense_pretraining.run(config, workdir, writer)
   return loop.train_and_evaluate(rng, config, workdir, writer)

@@ -86,7 +86,8 @@ class CheckpointDir:
       raise CheckpointError(f'{self.directory} is a file, not a checkpoint directory')
     self._manager = ocp.CheckpointManager(
         self.directory, item_handlers=ocp.StandardCheckpointHandler(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=create,
+                                             enable_async_checkpointing=False))
 
   def step_dir(self, step: int) -> str:
     return os.path.join(self.directory, str(step))

@@ -1,5 +1,8 @@
 """Process-wide settings that a run or a tool applies at its start.
 
+- A quiet console (`configure_logging`): the project's own lines (logger 'qna_detr'), one
+  line each, on stderr; other libraries' INFO chatter (orbax, CLU, TensorFlow) off unless
+  absl's `--verbosity` (`-v`) is given.
 - JAX's persistent compilation cache (`enable_compilation_cache`): a resumed run, a second
   tool or a rerun on the same shapes loads its programs instead of compiling them again.
 - On a CPU, glibc's malloc keeps freed memory for reuse (`keep_freed_memory_on_cpu`). XLA's
@@ -11,10 +14,17 @@
 import ctypes
 import ctypes.util
 import functools
+import logging
 import os
+import sys
+from typing import Callable
 
-from absl import logging
+from absl import app
+from absl import flags
+from absl import logging as absl_logging
 import jax
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qna_detr', 'jax')
 
@@ -44,7 +54,7 @@ def keep_freed_memory_on_cpu() -> bool:
   except (OSError, AttributeError, TypeError):
     return False
   applied = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, _INT_MAX))
-  logging.info('Host allocator: freed memory kept for reuse: %s', applied)
+  logger.debug('Host allocator: freed memory kept for reuse: %s', applied)
   return applied
 
 
@@ -52,3 +62,41 @@ def enable_compilation_cache(path: str = DEFAULT_CACHE_DIR) -> None:
   """Turns on JAX's persistent compilation cache in `path` ('' = leave it off)."""
   if path:
     jax.config.update('jax_compilation_cache_dir', path)
+
+
+def quiet_native_logs() -> None:
+  """TensorFlow's C++ INFO lines off; call before TensorFlow is imported."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+
+
+class _Console(logging.Formatter):
+  """'HH:MM:SS message', warnings and errors marked as such."""
+
+  def format(self, record: logging.LogRecord) -> str:
+    text = super().format(record)
+    if record.levelno >= logging.WARNING:
+      text = f'{record.levelname}: {text}'
+    return f'{self.formatTime(record, "%H:%M:%S")} {text}'
+
+
+def configure_logging() -> None:
+  """The project's lines to stderr through one handler; absl's (and so orbax's and CLU's)
+  down to warnings unless `--verbosity` was given."""
+  project = logging.getLogger('qna_detr')
+  if not any(isinstance(h.formatter, _Console) for h in project.handlers):
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Console())
+    project.addHandler(handler)
+  project.setLevel(logging.INFO)
+  project.propagate = False
+  if not flags.FLAGS.is_parsed() or not flags.FLAGS['verbosity'].present:
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def run_app(main: Callable) -> None:
+  """`absl.app.run(main)` for the tools, with `--help` printing the tool's own flags and
+  exiting 0, and the console configured before `main` runs."""
+  if any(arg in ('--help', '-h', '-?', '--helpshort') for arg in sys.argv[1:]):
+    app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
+  app.call_after_init(configure_logging)
+  app.run(main)

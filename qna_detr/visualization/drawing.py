@@ -20,7 +20,8 @@ def class_colour(label: int) -> tuple[int, int, int]:
 
 def draw_boxes(image: Image.Image, boxes: np.ndarray, texts: Sequence[str],
                colours: Sequence[tuple[int, int, int]]) -> Image.Image:
-  """A copy of `image` with COCO (x, y, width, height) pixel boxes, each captioned."""
+  """A copy of `image` with COCO (x, y, width, height) pixel boxes, each captioned (unless
+  its text is empty)."""
   image = image.convert('RGB')
   draw = ImageDraw.Draw(image)
   line = max(1, round(min(image.size) / 200))
@@ -28,6 +29,8 @@ def draw_boxes(image: Image.Image, boxes: np.ndarray, texts: Sequence[str],
   for (x, y, w, h), text, colour in zip(np.asarray(boxes, np.float64).reshape(-1, 4), texts,
                                         colours):
     draw.rectangle([x, y, x + w, y + h], outline=colour, width=line)
+    if not text:
+      continue
     left, top, right, bottom = draw.textbbox((x, y), text, font=text_font)
     # Caption above the box, or inside it where the box touches the top edge.
     shift = (bottom - top + 2) if y - (bottom - top + 2) >= 0 else -line

@@ -1,7 +1,6 @@
 """The detector seam: a variant registered from outside trains, evaluates and predicts through
 the project's machinery, which imports no detector module."""
 import pathlib
-import subprocess
 
 from clu import metric_writers
 import flax.linen as nn
@@ -79,6 +78,7 @@ def test_a_registered_variant_trains_and_evaluates(registered, tmp_path):
   # And the frozen backbone's feature cache, through the same seam.
   config.optimizer.freeze_backbone = True
   config.train_input = 'cached_features'
+  config.pretrained.path = str(tmp_path / 'run' / 'checkpoints' / '3')  # The trained one.
   metrics = phases.run(jax.random.PRNGKey(0), config, str(tmp_path / 'cached'),
                        metric_writers.LoggingWriter())
   assert np.isfinite(list(metrics.values())).all()
