@@ -156,15 +156,18 @@ class QnAViTClassifier(nn.Module):
 
 
 def _build(spec: QnAViTSpec, model_config: registry.ModelConfig) -> QnAViT:
-  """Reads `dtype` and `backbone_drop_path` (None: the variant's rate)."""
+  """Reads `dtype`, `backbone_drop_path` (None: the variant's rate) and
+  `qna_implementation` (`qna_detr.layers.qna.IMPLEMENTATIONS`)."""
   return QnAViT(spec, model_config.get('backbone_drop_path'),
-                base.compute_dtype(model_config.get('dtype', 'float32')))
+                base.compute_dtype(model_config.get('dtype', 'float32')),
+                qna_implementation=model_config.get('qna_implementation', 'auto'))
 
 
 def _build_classifier(spec: QnAViTSpec, model_config: registry.ModelConfig,
                       num_classes: int) -> QnAViTClassifier:
   return QnAViTClassifier(spec, num_classes, model_config.get('backbone_drop_path'),
-                          base.compute_dtype(model_config.get('dtype', 'float32')))
+                          base.compute_dtype(model_config.get('dtype', 'float32')),
+                          qna_implementation=model_config.get('qna_implementation', 'auto'))
 
 
 for _name, _spec in VARIANTS.items():

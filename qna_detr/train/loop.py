@@ -29,6 +29,7 @@ from qna_detr.detectors import DetectorDef
 from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import pictures
 from qna_detr.evaluation import predict
+from qna_detr.layers import qna
 from qna_detr.train import checkpoints
 from qna_detr.train import inputs
 from qna_detr.train import optimizer
@@ -46,6 +47,9 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
                      f'choose one of {detectors.names()}.')
   backbones.get(config.model.backbone)
   base.compute_dtype(config.model.dtype)
+  if config.model.get('qna_implementation', 'auto') not in qna.IMPLEMENTATIONS:
+    raise ValueError(f'config.model.qna_implementation={config.model.qna_implementation!r} '
+                     f'is not one of {qna.IMPLEMENTATIONS}.')
   if not 1 <= config.eval_top_k <= config.model.num_queries:
     raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
                      f'config.model.num_queries={config.model.num_queries}].')

@@ -67,6 +67,7 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
     ('optimizer.freeze_backbone', True, 'config.backbone_pretraining.steps'),
     ('train_input', 'videos', 'config.train_input'),
     ('model.name', 'yolo', 'config.model.name'),
+    ('model.qna_implementation', 'cuda', 'config.model.qna_implementation'),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, message):
   config = train_testing.micro_config(str(tmp_path / 'data'))
