@@ -82,6 +82,16 @@ def _bbox_problem(bbox: Any) -> str | None:
   return None
 
 
+def _outside(bbox: Any, image: dict[str, Any]) -> str | None:
+  """Why a box has no pixel in its image, or None."""
+  x, y, w, h = bbox
+  if x >= image['width'] or y >= image['height'] or x + w <= 0 or y + h <= 0:
+    if w > 0 and h > 0:
+      return (f'bbox {list(bbox)} entirely outside its image ({image["width"]} x '
+              f'{image["height"]})')
+  return None
+
+
 def _records(data: dict[str, Any], key: str, fields: tuple[str, ...], path: str) -> dict[int, dict]:
   """Checks the id-keyed records of `key` ('images' or 'categories') and indexes them."""
   out = {}
@@ -99,26 +109,30 @@ def parse(data: dict[str, Any], path: str, *, skip_bad_examples: bool) -> CocoAn
   """Validates an annotation dict (as read from `path`) and builds the training targets.
 
   Raises:
-    ValueError: naming the annotation id, for an unknown image or category id or a bad
-      bbox (negative width or height, non-finite), unless `skip_bad_examples`, in which case
-      such annotations are dropped (from the ground truth too), counted and logged.
+    ValueError: naming the annotation id, for an unknown image or category id, a bad bbox
+      (negative width or height, non-finite, or entirely outside its image) or an id used
+      before, unless `skip_bad_examples`, in which case such annotations are dropped (from
+      the ground truth too), counted and logged.
   """
   images = _records(data, 'images', ('id', 'file_name', 'height', 'width'), path)
   categories = _records(data, 'categories', ('id', 'name'), path)
   category_ids = tuple(sorted(categories))
   label_of = {cid: label for label, cid in enumerate(category_ids)}
 
-  kept, bad = [], []
+  kept, bad, seen = [], [], set()
   for i, ann in enumerate(data['annotations']):
     missing = [f for f in ('id', 'image_id', 'category_id', 'bbox') if f not in ann]
     if missing:
       raise ValueError(f'{path}: annotations[{i}] (id {ann.get("id")}) lacks {missing}')
-    if ann['image_id'] not in images:
+    if ann['id'] in seen:
+      problem = f'an id used by an earlier annotation (annotations[{i}])'
+    elif ann['image_id'] not in images:
       problem = f'unknown image id {ann["image_id"]}'
     elif ann['category_id'] not in categories:
       problem = f'unknown category id {ann["category_id"]}'
     else:
-      problem = _bbox_problem(ann['bbox'])
+      problem = _bbox_problem(ann['bbox']) or _outside(ann['bbox'], images[ann['image_id']])
+    seen.add(ann['id'])
     if problem is None:
       x, y, w, h = ann['bbox']
       kept.append({**ann, 'iscrowd': int(ann.get('iscrowd', 0)), 'area': ann.get('area', w * h)})

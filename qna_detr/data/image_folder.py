@@ -1,21 +1,21 @@
 """Unlabelled image files (a folder or a list) as a detection source, for inference.
 
-Every file is decoded once up front with the decoder the pipeline uses, so that a corrupt
-image or a non-image file is skipped and named in the log, rather than stopping the input
-pipeline halfway. Image ids number the readable images 0, 1, ... in the given order (a
+Every file is decoded once up front with the decoder the pipeline uses (`image_check`), so
+that a corrupt image or a non-image file is skipped and named in the log, rather than
+stopping the input pipeline halfway. Image ids number the readable images 0, 1, ... in the given order (a
 folder: file-name order, subfolders not read).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-import concurrent.futures
 import logging
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from qna_detr.data import image_check
 from qna_detr.data import sources
 
 logger = logging.getLogger(__name__)
@@ -26,19 +26,6 @@ EXTENSIONS = ('.bmp', '.gif', '.jpeg', '.jpg', '.png', '.webp')
 
 def _decode(path: str) -> tf.Tensor:
   return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
-
-
-def _check(path: str) -> tuple[tuple[int, int] | None, str | None]:
-  """(height, width) of the image at `path`, or None and why it cannot be used."""
-  if not os.path.isfile(path):
-    return None, 'not a file'
-  if not path.lower().endswith(EXTENSIONS):
-    return None, f'not an image file (extensions read: {", ".join(EXTENSIONS)})'
-  try:
-    height, width = _decode(path).shape[:2]
-  except tf.errors.OpError as e:  # The message without TensorFlow's op names around it.
-    return None, f'unreadable image ({e.message.split("}}")[-1].split("[Op:")[0].strip()})'
-  return (int(height), int(width)), None
 
 
 def image_folder(image_dir: str) -> tuple[sources.Source, list[str]]:
@@ -60,10 +47,16 @@ def image_files(paths: Sequence[str], root: str = '') -> tuple[sources.Source, l
     The source, whose ground truth lists the images (id, file_name, height, width), and the
     skipped entries as 'name: reason', each also logged.
   """
-  with concurrent.futures.ThreadPoolExecutor(8) as pool:
-    checks = list(pool.map(_check, paths))
+  checked = [p for p in paths if os.path.isfile(p) and p.lower().endswith(EXTENSIONS)]
+  results = dict(zip(checked, zip(*reversed(image_check.check(checked)))))
   images, skipped = [], []
-  for path, (size, problem) in zip(paths, checks):
+  for path in paths:
+    if not os.path.isfile(path):
+      size, problem = None, 'not a file'
+    elif path not in results:
+      size, problem = None, f'not an image file (extensions read: {", ".join(EXTENSIONS)})'
+    else:
+      size, problem = results[path]
     name = os.path.relpath(path, root) if root else path
     if problem:
       logger.warning('Skipping %s: %s', path, problem)

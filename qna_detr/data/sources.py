@@ -11,7 +11,6 @@ shuffling buffers stay small and images are decoded only after the shuffle.
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 import logging
 import os
@@ -22,6 +21,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from qna_detr.data import coco_json
+from qna_detr.data import image_check
 
 logger = logging.getLogger(__name__)
 
@@ -55,49 +55,21 @@ def _sample(sizes: np.ndarray, n: int) -> np.ndarray:
   return sizes[np.sort(np.random.default_rng(0).choice(len(sizes), n, replace=False))]
 
 
-_IMAGE_SIGNATURES = {  # format: (leading bytes, trailing marker that a complete file has)
-    'JPEG': (b'\xff\xd8', b'\xff\xd9'),
-    'PNG': (b'\x89PNG\r\n\x1a\n', b'IEND'),
-}
-_TAIL_BYTES = 64
-_MISSING = 'missing file'
-
-
-def _image_file_problem(path: str) -> str | None:
-  """Why the image file cannot be used (missing, empty, truncated JPEG or PNG), or None."""
-  try:
-    size = os.path.getsize(path)
-    with open(path, 'rb') as f:
-      head = f.read(8)
-      f.seek(max(0, size - _TAIL_BYTES))
-      tail = f.read()
-  except FileNotFoundError:
-    return _MISSING
-  except OSError as e:
-    return f'unreadable file ({e})'
-  if size == 0:
-    return 'empty file'
-  for name, (magic, end) in _IMAGE_SIGNATURES.items():
-    if head.startswith(magic) and end not in tail:
-      return f'truncated {name} file (no end marker)'
-  return None
-
-
 def _check_image_files(annotations: coco_json.CocoAnnotations, image_dir: str,
                        skip_bad_examples: bool) -> coco_json.CocoAnnotations:
-  """Finds missing and truncated image files before TensorFlow fails on them anonymously."""
+  """Decodes every image of the annotation file (`image_check`): missing, undecodable,
+  corrupt or wrongly sized files are named, or skipped with `skip_bad_examples`."""
   paths = [os.path.join(image_dir, im.file_name) for im in annotations.images]
-  with concurrent.futures.ThreadPoolExecutor(16) as pool:
-    problems = list(pool.map(_image_file_problem, paths))
+  problems, _ = image_check.check(paths, [(im.height, im.width) for im in annotations.images])
   bad = {im.image_id: f'{p}: {path}' for im, path, p in zip(annotations.images, paths, problems)
          if p is not None}
   if bad and not skip_bad_examples:
     listed = '\n  '.join(f'image {i}: {why}' for i, why in list(bad.items())[:20])
     more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
-    missing = all(p in (None, _MISSING) for p in problems)
+    missing = all(p in (None, image_check.MISSING) for p in problems)
     error = FileNotFoundError if missing else ValueError
     raise error(f'{len(bad)} bad image file(s) for {annotations.path} '
-                f'(set skip_bad_examples to skip them):\n  {listed}{more}')
+                f'(set config.dataset.skip_bad_examples to skip them):\n  {listed}{more}')
   return annotations.without_images(bad)
 
 
@@ -105,8 +77,9 @@ def coco_folder(json_path: str, image_dir: str, *, skip_bad_examples: bool,
                 process_index: int, process_count: int) -> Source:
   """A COCO-format folder: an instances JSON file and the directory of its images.
 
-  Bad examples (missing or truncated image files, annotations with an unknown image or
-  category id or a negative box size) raise an error naming them, or, with
+  Bad examples (image files that are missing, undecodable, corrupt or of another size than
+  the file says; annotations with an unknown image or category id, a negative box size, a box
+  outside its image or a duplicate id) raise an error naming them, or, with
   `skip_bad_examples`, are left out of both the examples and the ground truth and are
   counted and listed in the log.
   """
@@ -123,7 +96,6 @@ def coco_folder(json_path: str, image_dir: str, *, skip_bad_examples: bool,
   elements = tf.data.Dataset.from_tensor_slices({
       'path': [os.path.join(image_dir, im.file_name) for im in shard],
       'image_id': np.array([im.image_id for im in shard], np.int64),
-      'size': np.array([(im.height, im.width) for im in shard], np.int32).reshape(-1, 2),
       'boxes': tf.RaggedTensor.from_row_lengths(
           np.concatenate([im.boxes for im in shard]), [len(im.boxes) for im in shard]),
       'labels': tf.RaggedTensor.from_row_lengths(
@@ -133,12 +105,6 @@ def coco_folder(json_path: str, image_dir: str, *, skip_bad_examples: bool,
   def load(element: dict[str, tf.Tensor]) -> Example:
     image = tf.io.decode_image(tf.io.read_file(element['path']), channels=3,
                                expand_animations=False)
-    check = tf.debugging.Assert(
-        tf.reduce_all(tf.shape(image)[:2] == element['size']),
-        ['Image size (height, width) differs from', json_path, 'for', element['path'],
-         tf.shape(image)[:2], element['size']])
-    with tf.control_dependencies([check]):
-      image = tf.identity(image)
     return {'image': image, 'image_id': element['image_id'], 'boxes': element['boxes'],
             'labels': element['labels']}
 

@@ -150,6 +150,11 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cfg.steps > 0 and not 0 <= cfg.warmup_steps < cfg.steps:
     raise ValueError(f'config.backbone_pretraining.warmup_steps={cfg.warmup_steps} must be in '
                      f'[0, config.backbone_pretraining.steps={cfg.steps}).')
+  for key in ('lr', 'weight_decay'):
+    if cfg[key] < 0:
+      raise ValueError(f'config.backbone_pretraining.{key}={cfg[key]} must be >= 0.')
+  if cfg.upsample < 1:
+    raise ValueError(f'config.backbone_pretraining.upsample={cfg.upsample} must be >= 1.')
   if cfg.edge_weight < 0:
     raise ValueError(f'config.backbone_pretraining.edge_weight={cfg.edge_weight} must be >= 0 '
                      '(0: class maps only).')

@@ -35,6 +35,7 @@ from qna_detr.train import inputs
 from qna_detr.train import optimizer
 from qna_detr.train import train_step
 from qna_detr.train import workdir as run_files
+from qna_detr.utils import checkpoint_io
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   if config.model.get('qna_implementation', 'auto') not in qna.IMPLEMENTATIONS:
     raise ValueError(f'config.model.qna_implementation={config.model.qna_implementation!r} '
                      f'is not one of {qna.IMPLEMENTATIONS}.')
+  _check_numbers(config)
   if not 1 <= config.eval_top_k <= config.model.num_queries:
     raise ValueError(f'config.eval_top_k={config.eval_top_k} must be in [1, '
                      f'config.model.num_queries={config.model.num_queries}].')
@@ -65,6 +67,29 @@ def check_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict
   parallel.check_batch_size(config.batch_size, 'config.batch_size')
   parallel.check_batch_size(config.eval_batch_size, 'config.eval_batch_size')
   return config
+
+
+def _check_numbers(config: ml_collections.ConfigDict) -> None:
+  """Rates, intervals and sizes that would fail late (or train backwards) if wrong."""
+  opt = config.optimizer
+  rules = [('optimizer.lr', opt.lr >= 0, '>= 0'),
+           ('optimizer.backbone_lr', opt.backbone_lr >= 0, '>= 0'),
+           ('optimizer.weight_decay', opt.weight_decay >= 0, '>= 0'),
+           ('optimizer.grad_clip_norm', opt.grad_clip_norm > 0, '> 0'),
+           ('log_every_steps', config.log_every_steps >= 1, '>= 1'),
+           ('checkpoint_every_steps', config.checkpoint_every_steps >= 1, '>= 1'),
+           ('keep_checkpoints', config.keep_checkpoints >= 1, '>= 1'),
+           ('eval_every_epochs', config.eval_every_epochs > 0, '> 0')]
+  for key, ok, rule in rules:
+    if not ok:
+      value = config
+      for part in key.split('.'):
+        value = value[part]
+      raise ValueError(f'config.{key}={value} must be {rule}.')
+  if config.model.num_queries < config.dataset.max_boxes:
+    raise ValueError(f'config.model.num_queries={config.model.num_queries} is below '
+                     f'config.dataset.max_boxes={config.dataset.max_boxes}: every box of an '
+                     'image must be matched to a query of its own.')
 
 
 def build_datasets(config: ml_collections.ConfigDict):
@@ -126,19 +151,22 @@ class NonFiniteLoss(FloatingPointError):
   """The loss or the gradient norm of a step is NaN or inf."""
 
 
+def _stopped(loop: StepLoop, step: int, what: str) -> NonFiniteLoss:
+  latest = loop.checkpointer.latest_step()
+  last_good = (f'the last good checkpoint is {loop.checkpointer.directory}/{latest}'
+               if latest is not None else 'no checkpoint was written yet')
+  return NonFiniteLoss(f'{loop.name} step {step}: {what}; stopped, {last_good} (a lower '
+                       'learning rate, or gradient clipping, may help)')
+
+
 def _check_finite(history: Sequence[dict[str, Any]], first_step: int, loop: StepLoop) -> None:
   """Raises NonFiniteLoss naming the first step of `history` (host metrics of steps
   first_step, first_step + 1, ...) whose loss or gradient norm is not finite."""
   for offset, metrics in enumerate(history):
     values = {k: float(metrics[k]) for k in ('loss', 'grad_norm') if k in metrics}
     if not all(math.isfinite(v) for v in values.values()):
-      latest = loop.checkpointer.latest_step()
-      last_good = (f'the last good checkpoint is {loop.checkpointer.directory}/{latest}'
-                   if latest is not None else 'no checkpoint was written yet')
-      raise NonFiniteLoss(
-          f'{loop.name} step {first_step + offset}: loss {values.get("loss")}, gradient norm '
-          f'{values.get("grad_norm")}; stopped, {last_good} (a lower learning rate, or '
-          'gradient clipping, may help)')
+      raise _stopped(loop, first_step + offset, f'loss {values.get("loss")}, gradient norm '
+                                                f'{values.get("grad_norm")}')
 
 
 def _duration(seconds: float) -> str:
@@ -200,7 +228,10 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
         logger.info(_console_line(loop, step, scalars, eta if math.isfinite(eta) else 0.0))
         history, last_log = [], (step, now)
       if saves:
-        loop.checkpointer.save(step, state, iterator)
+        try:
+          loop.checkpointer.save(step, state, iterator)
+        except checkpoint_io.NonFiniteState as e:
+          raise _stopped(loop, step, f'the parameters are no longer finite ({e})') from None
         logger.info('%s step %d: checkpoint %s/%d', loop.name, step,
                     loop.checkpointer.directory, step)
       for every, callback in loop.periodic:

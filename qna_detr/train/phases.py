@@ -7,6 +7,9 @@
 3. The detector's training and evaluation (`loop.train_and_evaluate`), resumed from the
    workdir's checkpoint if it holds one (the earlier phases are then not needed again).
 """
+import os
+import tempfile
+
 from clu import metric_writers
 import jax
 import ml_collections
@@ -17,10 +20,23 @@ from qna_detr.train import loop
 from qna_detr.train import workdir as run_files
 
 
+def _check_workdir(workdir: str) -> None:
+  """The workdir exists or can be made, and takes files (before anything runs)."""
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise NotADirectoryError(f'--workdir={workdir} is a file, not a directory')
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with tempfile.TemporaryFile(dir=workdir):
+      pass
+  except OSError as e:
+    raise PermissionError(f'--workdir={workdir} cannot be written ({e.strerror})') from None
+
+
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The config checked, with the toy set's paths filled in where it uses one."""
   config = loop.check_config(config)
   dense_pretraining.check_config(config)
+  _check_workdir(workdir)
   if (config.optimizer.freeze_backbone and not config.pretrained.path
       and config.backbone_pretraining.steps == 0 and not loop.has_checkpoint(workdir)):
     raise ValueError('config.optimizer.freeze_backbone=True, but neither '

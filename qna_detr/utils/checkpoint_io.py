@@ -33,6 +33,10 @@ class CorruptCheckpoint(CheckpointError):
   """Incomplete, unreadable, altered or non-finite: an older step may still be intact."""
 
 
+class NonFiniteState(CheckpointError):
+  """A tree with NaN or inf, refused on save."""
+
+
 class MismatchedCheckpoint(CheckpointError):
   """Intact, but of another model (written with another config)."""
 
@@ -118,8 +122,8 @@ class CheckpointDir:
     host = jax.device_get(tree)
     bad = non_finite_leaves(host)
     if bad:
-      raise CorruptCheckpoint(f'Refusing to write step {step} to {self.directory}: '
-                              f'non-finite values in {bad[:5]}')
+      raise NonFiniteState(f'Refusing to write step {step} to {self.directory}: non-finite '
+                           f'values in {bad[:5]}')
     self._manager.save(step, args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
     if jax.process_index() == 0:

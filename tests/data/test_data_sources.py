@@ -5,6 +5,7 @@ import logging
 import os
 
 import numpy as np
+from PIL import Image
 import pytest
 import tensorflow as tf
 
@@ -97,9 +98,57 @@ def test_truncated_image_names_the_file(tmp_path, real_data, write_folder):
 def test_image_of_another_size_names_the_file(tmp_path, real_data, write_folder, write_images):
   json_path, image_dir = write_folder(str(tmp_path), real_data)
   write_images({'images': [{**real_data['images'][1], 'height': 20}]}, image_dir)
-  source = _source(json_path, image_dir)
-  with pytest.raises(tf.errors.InvalidArgumentError, match=r'000000037777\.jpg'):
-    _examples(source)
+  with pytest.raises(ValueError, match=r"image 37777: its size 20 x 352 differs from the "
+                     r"annotation file's 230 x 352: .*000000037777\.jpg"):
+    _source(json_path, image_dir)
+  source = _source(json_path, image_dir, skip=True)  # Skipped, and left out of the truth.
+  assert [im['id'] for im in source.ground_truth()['images']] == [397133]
+
+
+def _damage_middle(path):
+  """Overwrites a run of bytes in the middle of the entropy-coded data; the end marker stays."""
+  data = bytearray(open(path, 'rb').read())
+  middle = len(data) // 2
+  data[middle:middle + 300] = b'\x55' * 300
+  open(path, 'wb').write(bytes(data))
+
+
+@pytest.mark.parametrize('damage,problem', [
+    (lambda path: open(path, 'w').write('not an image'), 'not a decodable image'),
+    (lambda path: open(path, 'wb').write(b'\xff\xd8' + bytes(range(256)) * 4 + b'\xff\xd9'),
+     'not a decodable image'),
+    (_damage_middle, 'corrupt JPEG data'),
+])
+def test_undecodable_and_corrupt_images_are_named_or_skipped(tmp_path, real_data, write_folder,
+                                                               damage, problem, caplog):
+  json_path, image_dir = write_folder(str(tmp_path), real_data)
+  path = os.path.join(image_dir, '000000397133.jpg')
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (427, 640, 3), np.uint8)).save(
+      path, quality=90)  # Entropy-coded data worth damaging.
+  damage(path)
+  with pytest.raises(ValueError, match=f'image 397133: {problem}.*000000397133'):
+    _source(json_path, image_dir)
+  with caplog.at_level(logging.WARNING):
+    source = _source(json_path, image_dir, skip=True)
+  assert f'image 397133: {problem}' in caplog.text
+  assert source.num_examples == 1 and len(_examples(source)) == 1
+
+
+@pytest.mark.parametrize('change,problem', [
+    (lambda data: data['annotations'][0].update(bbox=[700.0, 10.0, 30.0, 40.0]),
+     'entirely outside its image'),
+    (lambda data: data['annotations'][1].update(id=data['annotations'][0]['id']),
+     'an id used by an earlier annotation'),
+])
+def test_boxes_outside_and_duplicate_ids_are_named_or_skipped(tmp_path, real_data, write_folder,
+                                                               change, problem):
+  data = copy.deepcopy(real_data)
+  change(data)
+  json_path, image_dir = write_folder(str(tmp_path), data)
+  with pytest.raises(ValueError, match=problem):
+    _source(json_path, image_dir)
+  source = _source(json_path, image_dir, skip=True)
+  assert len(source.ground_truth()['annotations']) == len(data['annotations']) - 1
 
 
 def test_skip_bad_examples_logs_count_and_list(tmp_path, crowd_data, caplog, write_folder):

@@ -115,7 +115,7 @@ def test_non_finite_states_are_never_written_or_restored(tmp_path, saved):
   bad = jax.tree.map(lambda x: x, states[3])
   bad.params['input_proj']['kernel'][0, 0] = np.nan
   directory = checkpoint_io.CheckpointDir(str(tmp_path / 'checkpoints'), keep=3)
-  with pytest.raises(checkpoint_io.CorruptCheckpoint, match=r'Refusing to write step 4.*'
+  with pytest.raises(checkpoint_io.NonFiniteState, match=r'Refusing to write step 4.*'
                      'input_proj/kernel'):
     directory.save(4, bad)
   assert directory.complete_steps() == [1, 2, 3]  # Nothing written, nothing rotated out.

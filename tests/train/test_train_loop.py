@@ -68,6 +68,12 @@ def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
     ('train_input', 'videos', 'config.train_input'),
     ('model.name', 'yolo', 'config.model.name'),
     ('model.qna_implementation', 'cuda', 'config.model.qna_implementation'),
+    ('optimizer.lr', -1e-4, 'config.optimizer.lr'),
+    ('optimizer.weight_decay', -1.0, 'config.optimizer.weight_decay'),
+    ('checkpoint_every_steps', 0, 'config.checkpoint_every_steps'),
+    ('log_every_steps', 0, 'config.log_every_steps'),
+    ('model.num_queries', 4, 'config.dataset.max_boxes=8'),
+    ('backbone_pretraining.lr', -1.0, 'config.backbone_pretraining.lr'),
 ])
 def test_bad_config_names_the_key(tmp_path, key, value, message):
   config = train_testing.micro_config(str(tmp_path / 'data'))
@@ -84,3 +90,10 @@ def test_missing_dataset_is_named(tmp_path):
   config.dataset.train_images = str(tmp_path / 'nowhere')
   with pytest.raises((ValueError, FileNotFoundError), match='instances_train.json'):
     loop.build_datasets(phases.prepare(config, str(tmp_path)))
+
+
+def test_a_workdir_that_is_a_file_is_named(tmp_path):
+  config = train_testing.micro_config(str(tmp_path / 'data'))
+  (tmp_path / 'taken').write_text('')
+  with pytest.raises(NotADirectoryError, match=f'--workdir={tmp_path}/taken is a file'):
+    phases.prepare(config, str(tmp_path / 'taken'))
