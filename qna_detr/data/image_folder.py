@@ -2,8 +2,8 @@
 
 Every file is decoded once up front with the decoder the pipeline uses (`image_check`), so
 that a corrupt image or a non-image file is skipped and named in the log, rather than
-stopping the input pipeline halfway. Image ids number the readable images 0, 1, ... in the given order (a
-folder: file-name order, subfolders not read).
+stopping the input pipeline halfway. Image ids number the readable images 0, 1, ... in the
+given order (a folder: file-name order, subfolders not read).
 """
 
 from __future__ import annotations

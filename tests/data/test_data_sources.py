@@ -7,7 +7,6 @@ import os
 import numpy as np
 from PIL import Image
 import pytest
-import tensorflow as tf
 
 from qna_detr.data import sources
 
