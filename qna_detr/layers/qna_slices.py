@@ -13,13 +13,9 @@ import jax
 import jax.numpy as jnp
 
 from qna_detr.layers import qna_softmax
+from qna_detr.layers import windows
 
 Array = jax.Array
-
-
-def _shifted(x: Array, i: int, j: int, stride: int, ho: int, wo: int) -> Array:
-  """x[:, i + stride * y, j + stride * x] for every output (y, x) < (ho, wo)."""
-  return x[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride]
 
 
 def window_sum(x: Array, kernel: Array, stride: int) -> Array:
@@ -29,12 +25,10 @@ def window_sum(x: Array, kernel: Array, stride: int) -> Array:
   ('same') padding; float32 accumulation.
   """
   k = kernel.shape[0]
-  p = k // 2
-  ho = qna_softmax.output_size(x.shape[1], stride)
-  wo = qna_softmax.output_size(x.shape[2], stride)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3))
+  ho, wo = windows.output_size(x.shape[1], stride), windows.output_size(x.shape[2], stride)
+  xp = windows.pad(x, k)
   kernel = kernel.astype(jnp.float32)
-  terms = (kernel[i, j] * _shifted(xp, i, j, stride, ho, wo).astype(jnp.float32)
+  terms = (kernel[i, j] * windows.at_offset(xp, i, j, stride, ho, wo).astype(jnp.float32)
            for i in range(k) for j in range(k))
   return functools.reduce(jnp.add, terms)
 
@@ -52,7 +46,7 @@ def _window_sum_transpose(g: Array, kernel: Array, stride: int, height: int,
                              (p, height + k - 2 - p - stride * (ho - 1), stride - 1),
                              (p, width + k - 2 - p - stride * (wo - 1), stride - 1)] + rest)
   kernel = kernel.astype(jnp.float32)
-  terms = (kernel[i, j] * _shifted(gd, k - 1 - i, k - 1 - j, 1, height, width)
+  terms = (kernel[i, j] * windows.at_offset(gd, k - 1 - i, k - 1 - j, 1, height, width)
            for i in range(k) for j in range(k))
   return functools.reduce(jnp.add, terms)
 
@@ -81,10 +75,6 @@ def _offset_sums(g: Array, g_axis: int, inputs: Sequence[tuple[Array, int]], k: 
     widths[axis], widths[axis + 1] = (p, in_rows - a.shape[axis] - p), (p, p)
     return jnp.pad(a, widths)
 
-  def shifted(a, axis, i, j):  # a[..., i + stride * y, j + stride * x, ...], rows at axis.
-    return a[(slice(None),) * axis + (slice(i, i + stride * (rows - 1) + 1, stride),
-                                      slice(j, j + stride * (wo - 1) + 1, stride))]
-
   g = jnp.pad(g, [(0, 0)] * g_axis + [(0, chunks * rows - ho)] + [(0, 0)] * (g.ndim - g_axis - 1))
   padded = [(pad(a, axis), axis) for a, axis in inputs]
 
@@ -92,8 +82,9 @@ def _offset_sums(g: Array, g_axis: int, inputs: Sequence[tuple[Array, int]], k: 
     g_rows = jax.lax.dynamic_slice_in_dim(g, chunk * rows, rows, g_axis)
     in_chunk = [(jax.lax.dynamic_slice_in_dim(a, chunk * rows * stride, span, axis), axis)
                 for a, axis in padded]
-    return sums + jnp.stack([term(g_rows, *(shifted(a, axis, i, j) for a, axis in in_chunk))
-                             for i in range(k) for j in range(k)])
+    return sums + jnp.stack([
+        term(g_rows, *(windows.at_offset(a, i, j, stride, rows, wo, axis) for a, axis in in_chunk))
+        for i in range(k) for j in range(k)])
 
   sums = jax.lax.fori_loop(0, chunks, accumulate, jnp.zeros((k * k,) + shape, jnp.float32))
   return sums.reshape((k, k) + shape)

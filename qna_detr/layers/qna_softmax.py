@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from qna_detr.layers import masking
+from qna_detr.layers import windows
 
 Array = jax.Array
 # (x [B, H, W, ...], kernel [k, k, ...] broadcasting against x's trailing dims, stride) ->
@@ -27,10 +28,6 @@ Grads = tuple[Array, Array, Array, Array]  # Cotangents of scores, values, bias 
 MIN_SAFE_NORMALIZER = 1e-15
 # Stands in for -inf on padded scores: exp() of it is exactly 0 and its gradient is finite.
 MASKED_SCORE = -1e30
-
-
-def output_size(size: int, stride: int) -> int:
-  return -(-size // stride)
 
 
 def fast_weights(scores: Array, valid: Array, bias: Array) -> tuple[Array, Array]:
@@ -68,48 +65,17 @@ def fast_aggregate(window_sum: WindowSum, scores: Array, values: Array, valid: A
   return num * inverse(den)[..., None], safe
 
 
-class _Offsets:
-  """Views of padded [B, H + 2p, W + 2p, ...] maps at one window offset of every output.
-
-  Offset o = i * k + j is the pixel (i - p, j - p) away from a window's centre; `gather` gives
-  [B, Ho, Wo, ...], `scatter_add` is its transpose.
-  """
-
-  def __init__(self, k: int, stride: int, ho: int, wo: int):
-    self.k, self.stride, self.ho, self.wo = k, stride, ho, wo
-
-  def _start(self, offset, ndim):
-    return (0, offset // self.k, offset % self.k) + (0,) * (ndim - 3)
-
-  def _extent(self, x):
-    return (x.shape[0], self.stride * (self.ho - 1) + 1, self.stride * (self.wo - 1) + 1)
-
-  def gather(self, x: Array, offset) -> Array:
-    window = jax.lax.dynamic_slice(x, self._start(offset, x.ndim), self._extent(x) + x.shape[3:])
-    return window[:, ::self.stride, ::self.stride]
-
-  def scatter_add(self, acc: Array, contribution: Array, offset) -> Array:
-    s = self.stride
-    spread = jax.lax.pad(contribution, jnp.zeros((), contribution.dtype),
-                         [(0, 0, 0), (0, 0, s - 1), (0, 0, s - 1)]
-                         + [(0, 0, 0)] * (contribution.ndim - 3))
-    start = self._start(offset, acc.ndim)
-    current = jax.lax.dynamic_slice(acc, start, spread.shape)
-    return jax.lax.dynamic_update_slice(acc, current + spread, start)
-
-
 def _exact_setup(scores, values, valid, bias, stride):
   """Padded inputs, the offset views, and a function giving exp(logit - window max) at an
   offset (0 where the pixel is padding or outside the image)."""
   k = bias.shape[0]
-  pad = (k - 1) // 2
   hgt, wid = scores.shape[1:3]
-  views = _Offsets(k, stride, output_size(hgt, stride), output_size(wid, stride))
-  spatial = ((0, 0), (pad, pad), (pad, pad))
-  masked = jnp.pad(jnp.where(valid[..., None, None], scores, MASKED_SCORE),
-                   spatial + ((0, 0), (0, 0)), constant_values=MASKED_SCORE)
-  values = jnp.pad(values, spatial + ((0, 0), (0, 0)))
-  valid = jnp.pad(valid, spatial)
+  views = windows.OffsetViews(k, stride, windows.output_size(hgt, stride),
+                              windows.output_size(wid, stride))
+  masked = windows.pad(jnp.where(valid[..., None, None], scores, MASKED_SCORE), k,
+                       MASKED_SCORE)
+  values = windows.pad(values, k)
+  valid = windows.pad(valid, k, False)
   flat_bias = bias.reshape(k * k, *bias.shape[2:])
 
   def logits(offset):

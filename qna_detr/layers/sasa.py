@@ -14,23 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from qna_detr.layers import masking
+from qna_detr.layers import windows
 
 Array = jax.Array
-
-
-def _gather_neighbourhoods(x: Array, kernel_size: int, axis: int,
-                           fill: float | bool = 0) -> Array:
-  """[B, H, W, ...] -> every pixel's 'same'-padded k x k neighbourhood, as a new k*k `axis`.
-
-  Offsets run row-major over the window (index i * k + j is row offset i - k//2, column
-  offset j - k//2); positions outside the image hold `fill`.
-  """
-  r = kernel_size // 2
-  hgt, wid = x.shape[1:3]
-  padded = jnp.pad(x, ((0, 0), (r, r), (r, r)) + ((0, 0),) * (x.ndim - 3),
-                   constant_values=fill)
-  return jnp.stack([padded[:, i:i + hgt, j:j + wid]
-                    for i in range(kernel_size) for j in range(kernel_size)], axis=axis)
 
 
 class SASA(nn.Module):
@@ -73,9 +59,9 @@ class SASA(nn.Module):
     q, keys, values = project('to_q'), project('to_k'), project('to_v')
     # Heads before the neighbourhood: the layout both einsums contract in, so the k^2-fold
     # gathered tensors are not transposed again (that copy would add to the peak memory).
-    keys = _gather_neighbourhoods(keys, k, axis=4)  # [B, H, W, h, k*k, d]
-    values = _gather_neighbourhoods(values, k, axis=4)
-    key_valid = _gather_neighbourhoods(valid, k, axis=3, fill=False)  # [B, H, W, k*k]
+    keys = windows.gather(keys, k, axis=4)  # [B, H, W, h, k*k, d]
+    values = windows.gather(values, k, axis=4)
+    key_valid = windows.gather(valid, k, fill=False, axis=3)  # [B, H, W, k*k]
 
     bias = self.param('rpe_bias', nn.initializers.zeros, (k, k, nh)).reshape(k * k, nh)
     logits = jnp.einsum('bywhd,bywhnd->bywhn', q / np.sqrt(hd).astype(q.dtype), keys,

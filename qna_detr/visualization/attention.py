@@ -21,43 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from qna_detr.layers import masking
+from qna_detr.layers import windows
 from qna_detr.layers.qna import fused_query_keys
 
 Array = jax.Array
 _MASKED = -1e30  # Logit of a pixel outside the image or padded: its exp() is exactly 0.
-
-
-def _output_size(size: int, stride: int) -> int:
-  return -(-size // stride)
-
-
-def window_gather(x: Array, kernel_size: int, stride: int, fill: Any = 0) -> Array:
-  """[B, H, W, ...] -> [B, Ho, Wo, k, k, ...]: the k x k window centred at stride * o.
-
-  'same' padding with `fill` outside the map; Ho = ceil(H / stride), as in the QnA layer.
-  """
-  k, s = kernel_size, stride
-  p = k // 2
-  ho, wo = _output_size(x.shape[1], s), _output_size(x.shape[2], s)
-  xp = jnp.pad(x, ((0, 0), (p, p), (p, p)) + ((0, 0),) * (x.ndim - 3), constant_values=fill)
-  rows = [jnp.stack([xp[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s]
-                     for j in range(k)], axis=3) for i in range(k)]
-  return jnp.stack(rows, axis=3)
-
-
-def window_scatter_add(windows: Array, height: int, width: int, stride: int) -> Array:
-  """The transpose of `window_gather`: [B, Ho, Wo, k, k, ...] -> [B, H, W, ...], each input
-  pixel receiving the sum of the entries of every window that contains it."""
-  k = windows.shape[3]
-  s, p = stride, k // 2
-  ho, wo = windows.shape[1:3]
-  acc = jnp.zeros((windows.shape[0], height + 2 * p, width + 2 * p) + windows.shape[5:],
-                  windows.dtype)
-  for i in range(k):
-    for j in range(k):
-      acc = acc.at[:, i:i + s * (ho - 1) + 1:s, j:j + s * (wo - 1) + 1:s].add(
-          windows[:, :, :, i, j])
-  return acc[:, p:p + height, p:p + width]
 
 
 def scores(x: Array, params: Mapping[str, Array], heads: int,
@@ -79,8 +47,8 @@ def window_weights(x: Array, padding_mask: Array | None, params: Mapping[str, Ar
   bias = jnp.asarray(params['rpe_bias'], jnp.float32)  # [k, k, Q, h]
   k = bias.shape[0]
   valid = masking.valid_from_padding(padding_mask, x.shape)
-  real = window_gather(valid, k, stride, fill=False)[..., None, None]  # [B, Ho, Wo, k, k, 1, 1]
-  logits = window_gather(scores(x, params, heads, normalize_queries), k, stride) + bias
+  real = windows.gather(valid, k, stride, fill=False)[..., None, None]  # [B, Ho, Wo, k, k, 1, 1]
+  logits = windows.gather(scores(x, params, heads, normalize_queries), k, stride) + bias
   logits = jnp.where(real, logits, _MASKED)
   top = logits.max(axis=(3, 4), keepdims=True)
   e = jnp.where(real, jnp.exp(logits - top), 0.0)
@@ -94,7 +62,7 @@ def aggregate(weights: Array, values: Array, scale: Array, stride: int) -> Array
   What the QnA layer computes before summing queries and projecting (for checks).
   """
   k = weights.shape[3]
-  gathered = window_gather(values, k, stride)  # [B, Ho, Wo, k, k, h, d]
+  gathered = windows.gather(values, k, stride)  # [B, Ho, Wo, k, k, h, d]
   return jnp.einsum('byxijqh,ijqh,byxijhd->byxqhd', weights, jnp.asarray(scale, jnp.float32),
                     gathered.astype(jnp.float32))
 
@@ -112,7 +80,7 @@ def attention_map(weights: Array, height: int, width: int, stride: int,
   if padding_mask is not None:
     centred = ~jnp.asarray(padding_mask, bool)[:, ::stride, ::stride]
     weights = weights * centred.reshape(centred.shape + (1,) * (weights.ndim - 3))
-  return window_scatter_add(weights, height, width, stride)
+  return windows.scatter_add(weights, height, width, stride)
 
 
 def window_mosaic(weights: Array) -> np.ndarray:

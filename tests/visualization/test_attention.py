@@ -87,15 +87,6 @@ def test_attention_map_by_hand():
                              rtol=1e-6)
 
 
-def test_scatter_add_is_the_transpose_of_gather():
-  rng = np.random.default_rng(6)
-  x = jnp.asarray(rng.normal(size=(1, 5, 7, 2)), jnp.float32)
-  windows = jnp.asarray(rng.normal(size=(1, 3, 4, 3, 3, 2)), jnp.float32)
-  lhs = jnp.vdot(attention.window_gather(x, 3, 2), windows)
-  rhs = jnp.vdot(x, attention.window_scatter_add(windows, 5, 7, 2))
-  np.testing.assert_allclose(lhs, rhs, rtol=1e-5)
-
-
 def test_mosaic_puts_each_window_at_its_place():
   weights = np.arange(2 * 3 * 3 * 3, dtype=np.float32).reshape(2, 3, 3, 3)
   mosaic = attention.window_mosaic(weights)
