@@ -14,7 +14,6 @@ are not part of a (the layer's output is Sum_n a * Ws * V, see `aggregate`).
 Memory is O(k^2 H W Q h): fine for visualization, not for training.
 """
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import jax.numpy as jnp
