@@ -97,7 +97,7 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config.num_epochs = 12  # 6000 steps.
   config.optimizer.decay_epochs = (round(0.82 * config.num_epochs, 2),)  # The last 18%: x0.1.
   config.eval_top_k = 20
-  config.log_every_steps = 20
+  config.log_every_steps = 100  # A console line and TensorBoard point every 100 steps.
   config.checkpoint_every_steps = 1000
   config.eval_every_epochs = float(config.num_epochs)  # At the end only.
   return config
