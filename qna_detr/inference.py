@@ -27,7 +27,7 @@ import tensorflow as tf
 from qna_detr import detectors
 from qna_detr.data import pipeline
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.train import phases
 from qna_detr.train import workdir as run_files
 
@@ -93,7 +93,8 @@ class Detector:
     config, dataset = run_files.load(workdir, config)
     num_classes = len(dataset['class_names'])
     detector = detectors.build(config, num_classes)
-    _, state = checkpoints.load_state(workdir, checkpoint, loop.abstract_state(config, detector))
+    _, state = checkpoints.load_state(workdir, checkpoint,
+                                      train_step.abstract_state(config, detector))
     return cls(config, detector, state.eval_params, dataset['class_names'],
                dataset['category_ids'], dataset['eval_bucket_shapes'])
 

@@ -5,7 +5,7 @@ Every key of a run is here, with a line on what it is; `--config.KEY=VALUE` over
 import ml_collections
 from ml_collections import config_dict
 
-from qna_detr.data import pipeline
+from qna_detr.data import dataset_config
 
 
 def detr_coco(backbone: str) -> ml_collections.ConfigDict:
@@ -13,7 +13,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.experiment_name = f'detr_{backbone}_coco'
   config.rng_seed = 0
-  config.dataset = pipeline.default_config()
+  config.dataset = dataset_config.default_config()
   config.model = ml_collections.ConfigDict(dict(
       name='detr',  # The detector (qna_detr.detectors registry).
       backbone=backbone,  # The backbone (qna_detr.backbones registry).
@@ -78,7 +78,7 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
       num_val=1000,  # Enough that the AP of one run is not the luck of a few images.
       image_size=image_size, seed=0,
       data_dir=''))  # '' = WORKDIR/toy_coco.
-  config.dataset = pipeline.toy_config('', image_size)
+  config.dataset = dataset_config.toy_config('', image_size)
   # One padded shape for training and one for evaluation: on a CPU each shape costs a
   # compilation of tens of seconds, more than the padding it would save.
   config.dataset.update(dict(
@@ -98,6 +98,6 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config.optimizer.decay_epochs = (round(0.82 * config.num_epochs, 2),)  # The last 18%: x0.1.
   config.eval_top_k = 20
   config.log_every_steps = 100  # A console line and TensorBoard point every 100 steps.
-  config.checkpoint_every_steps = 1000
+  config.checkpoint_every_steps = 2000
   config.eval_every_epochs = float(config.num_epochs)  # At the end only.
   return config

@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from qna_detr.data import pipeline
+from qna_detr.data import dataset_config
 from qna_detr.data import toy
 from qna_detr.utils import runtime
 
@@ -63,7 +63,7 @@ def _write_folder(root: str, data: dict) -> tuple[str, str]:
 
 def _folder_config(json_path: str, image_dir: str, **overrides) -> ml_collections.ConfigDict:
   """An experiment config reading the folder as both splits, with DETR's sizes."""
-  cfg = pipeline.default_config()
+  cfg = dataset_config.default_config()
   cfg.name = 'coco_folder'
   cfg.update({'train_json': json_path, 'train_images': image_dir, 'val_json': json_path,
               'val_images': image_dir, 'bucket_sample_size': 200, **overrides})
@@ -109,7 +109,7 @@ def toy_dir(tmp_path_factory) -> str:
 
 @pytest.fixture
 def toy_config(toy_dir) -> ml_collections.ConfigDict:
-  cfg = pipeline.toy_config(toy_dir, image_size=TOY_IMAGE_SIZE)
+  cfg = dataset_config.toy_config(toy_dir, image_size=TOY_IMAGE_SIZE)
   cfg.bucket_sample_size = 300
   return ml_collections.ConfigDict({'dataset': cfg})
 

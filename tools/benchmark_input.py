@@ -22,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from qna_detr.data import batching
+from qna_detr.data import dataset_config
 from qna_detr.data import pipeline
 from qna_detr.data import toy
 from qna_detr.utils import runtime
@@ -71,7 +72,7 @@ def main(argv: list[str]) -> None:
   toy.write_split(workdir, 'train', coco_like_sizes(_NUM_TRAIN.value, rng), seed=0)
   toy.write_split(workdir, 'val', coco_like_sizes(_NUM_VAL.value, rng), seed=0,
                   first_image_id=_NUM_TRAIN.value + 1)
-  cfg = pipeline.default_config()
+  cfg = dataset_config.default_config()
   cfg.name = 'coco_folder'
   cfg.update(toy.paths(workdir))
   config = ml_collections.ConfigDict({'dataset': cfg})

@@ -21,7 +21,7 @@ from qna_detr.data import pipeline
 from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import predict
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.train import phases
 from qna_detr.utils import runtime
 
@@ -45,7 +45,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
   step_dir, state = checkpoints.load_state(workdir, checkpoint,
-                                           loop.abstract_state(config, detector))
+                                           train_step.abstract_state(config, detector))
   output = output or os.path.join(workdir, 'eval', os.path.basename(step_dir))
   logging.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
                dataset.num_examples)

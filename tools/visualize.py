@@ -33,7 +33,7 @@ from qna_detr import detectors
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.train import phases
 from qna_detr.utils import runtime
 from qna_detr.visualization import capture
@@ -111,7 +111,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
-  abstract = loop.abstract_state(config, detector)
+  abstract = train_step.abstract_state(config, detector)
   layers = capture.describe_layers(detector.module, abstract.params)
   if list_layers:
     for index, item in enumerate(layers.values()):

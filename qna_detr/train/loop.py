@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import math
 import os
+import re
 import time
 from typing import Any, Optional
 
@@ -25,7 +26,6 @@ from qna_detr.backbones import base
 from qna_detr.backbones import registry as backbones
 from qna_detr.backbones import weights
 from qna_detr.data import pipeline
-from qna_detr.detectors import DetectorDef
 from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import pictures
 from qna_detr.evaluation import predict
@@ -100,39 +100,6 @@ def build_datasets(config: ml_collections.ConfigDict):
   return train_ds, val_ds
 
 
-def create_state(config: ml_collections.ConfigDict, detector: DetectorDef, tx, key: jax.Array,
-                 image_shape: Sequence[int]) -> train_step.TrainState:
-  """The initial train state of this config (with a moving average if it keeps one)."""
-  return train_step.create_state(lambda k: detector.init(k, image_shape), tx, key,
-                                 ema=config.ema_decay > 0)
-
-
-def abstract_state(config: ml_collections.ConfigDict,
-                   detector: DetectorDef) -> train_step.TrainState:
-  """The train state's shapes and dtypes, computed without running: what a checkpoint of
-  this config restores into."""
-  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1,
-                                    mask=frozen_mask(config, detector))
-  return jax.eval_shape(lambda key: create_state(config, detector, tx, key, (64, 64)),
-                        jax.random.PRNGKey(0))
-
-
-def frozen_mask(config: ml_collections.ConfigDict, detector: DetectorDef) -> Any:
-  """Which parameters stay fixed: the frozen backbone and what the detector keeps fixed."""
-  params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
-  return optimizer.frozen_mask(params, config, detector.frozen)
-
-
-def jit_train_step(config: ml_collections.ConfigDict, detector: DetectorDef, tx, schedules,
-                   mask: Any, mesh: jax.sharding.Mesh):
-  """The train step, jitted for a replicated state and a batch split over `mesh`."""
-  replicated = parallel.replicated(mesh)
-  step = train_step.make_train_step(detector.module, detector.loss, tx, schedules, mask,
-                                    config.ema_decay)
-  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                 out_shardings=(replicated, replicated), donate_argnums=0)
-
-
 @dataclasses.dataclass
 class StepLoop:
   """How `run_steps` runs: steps, intervals, and where it saves and logs."""
@@ -177,7 +144,7 @@ def _duration(seconds: float) -> str:
 
 def _console_line(loop: StepLoop, step: int, scalars: dict[str, float], eta_s: float) -> str:
   """'train 120/6000  loss 6.412 (ce 1.103 bbox 0.402 giou 0.513)  lr head 4.0e-04 ...'."""
-  parts = [k for k in scalars if k != 'loss' and not k[-1].isdigit()
+  parts = [k for k in scalars if k != 'loss' and not re.search(r'_\d+$', k)  # Aux layers.
            and not k.startswith('lr_') and k not in ('grad_norm', 'step_time_s', 'images_per_s')]
   terms = ' '.join(f'{k.removeprefix("loss_")} {scalars[k]:.4g}' for k in parts)
   rates = ' '.join(f'{k[3:]} {v:.1e}' for k, v in scalars.items() if k.startswith('lr_'))
@@ -261,7 +228,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   epoch_steps = optimizer.steps_per_epoch(train_ds.num_examples, config.batch_size)
   total_steps = config.num_train_steps if config.num_train_steps > 0 else (
       config.num_epochs * epoch_steps)
-  mask = frozen_mask(config, detector)
+  mask = train_step.frozen_mask(config, detector)
   tx, schedules = optimizer.build_optimizer(config, epoch_steps, total_steps, mask)
   logger.info('%d training examples, %d classes; %d steps of %d images (%d per epoch) on %d '
                'devices', train_ds.num_examples, train_ds.num_classes, total_steps,
@@ -269,7 +236,8 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
   if config.optimizer.freeze_backbone:
     logger.info('Backbone frozen: the train step runs no backward pass through it')
 
-  state = jax.jit(lambda key: create_state(config, detector, tx, key, train_ds.bucket_shapes[0]),
+  state = jax.jit(lambda key: train_step.initial_state(config, detector, tx, key,
+                                                      train_ds.bucket_shapes[0]),
                   out_shardings=parallel.replicated(mesh))(rng)
   checkpointer = checkpoints.Checkpointer(workdir, config.keep_checkpoints)
   source = inputs.build(config, detector, train_ds)
@@ -280,7 +248,7 @@ def train_and_evaluate(rng: jax.Array, config: ml_collections.ConfigDict, workdi
     state = load_pretrained(state, config, mesh)
   next_batch, step_detector = source.start(state.params, int(state.step) + 1,
                                            parallel.batch_sharding(mesh))
-  step_fn = jit_train_step(config, step_detector, tx, schedules, mask, mesh)
+  step_fn = train_step.jit_step(config, step_detector, tx, schedules, mask, mesh)
 
   def evaluate(step: int, state: train_step.TrainState) -> tuple[dict, dict, str, list]:
     start = time.time()

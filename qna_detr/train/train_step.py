@@ -1,13 +1,20 @@
-"""The train state and the jitted train step: forward, loss, AdamW update, moving average."""
-from typing import Any, Callable
+"""The train state and the jitted train step: forward, loss, AdamW update, moving average;
+and both as a config asks for them (`initial_state`, `abstract_state`, `jit_step`).
+
+Free of TensorFlow and CLU, so that benchmarks run where only JAX is installed.
+"""
+from typing import Any, Callable, Sequence
 
 import flax
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 
-from qna_detr.detectors.base import Loss
+from qna_detr import parallel
+from qna_detr.detectors.base import DetectorDef, Loss
+from qna_detr.train import optimizer
 
 
 @flax.struct.dataclass
@@ -86,3 +93,34 @@ def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
   """Host means of the metrics of several steps (one device transfer for all of them)."""
   stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
   return {k: float(np.mean(v)) for k, v in stacked.items()}
+
+
+def initial_state(config: ml_collections.ConfigDict, detector: DetectorDef, tx, key: jax.Array,
+                  image_shape: Sequence[int]) -> TrainState:
+  """The initial train state of this config (with a moving average if it keeps one)."""
+  return create_state(lambda k: detector.init(k, image_shape), tx, key,
+                      ema=config.ema_decay > 0)
+
+
+def frozen_mask(config: ml_collections.ConfigDict, detector: DetectorDef) -> Any:
+  """Which parameters stay fixed: the frozen backbone and what the detector keeps fixed."""
+  params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
+  return optimizer.frozen_mask(params, config, detector.frozen)
+
+
+def abstract_state(config: ml_collections.ConfigDict, detector: DetectorDef) -> TrainState:
+  """The train state's shapes and dtypes, computed without running: what a checkpoint of
+  this config restores into."""
+  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1,
+                                    mask=frozen_mask(config, detector))
+  return jax.eval_shape(lambda key: initial_state(config, detector, tx, key, (64, 64)),
+                        jax.random.PRNGKey(0))
+
+
+def jit_step(config: ml_collections.ConfigDict, detector: DetectorDef, tx, schedules,
+             mask: Any, mesh: jax.sharding.Mesh):
+  """The train step, jitted for a replicated state and a batch split over `mesh`."""
+  replicated = parallel.replicated(mesh)
+  step = make_train_step(detector.module, detector.loss, tx, schedules, mask, config.ema_decay)
+  return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
+                 out_shardings=(replicated, replicated), donate_argnums=0)

@@ -9,6 +9,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 import pytest
 
+from qna_detr.data import dataset_config
 from qna_detr.data import pipeline
 from qna_detr.data import toy
 from qna_detr.data import transforms
@@ -134,7 +135,7 @@ def test_processes_read_disjoint_shards_with_equal_eval_lengths(toy_config):
 
 
 def test_toy_dataset_is_made_by_its_phase_then_read_as_a_coco_folder(tmp_path):
-  cfg = pipeline.toy_config(image_size=64)
+  cfg = dataset_config.toy_config(image_size=64)
   cfg.bucket_sample_size = 100
   config = ml_collections.ConfigDict({'dataset': cfg, 'toy_data': dict(
       num_train=6, num_val=3, image_size=64, seed=0, data_dir='')})

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from qna_detr.data import dataset_config
 from qna_detr.data import pipeline
 from qna_detr.data import transforms
 
@@ -44,7 +45,7 @@ def _as_dataset(self, split, decoders=None, read_config=None, shuffle_files=Fals
 
 @pytest.fixture
 def tfds_config():
-  cfg = pipeline.default_config()
+  cfg = dataset_config.default_config()
   cfg.update({'train_scales': [64], 'train_max_size': 128, 'crop_resize_scales': [48],
               'crop_min_size': 32, 'crop_max_size': 48, 'eval_scale': 64, 'eval_max_size': 128,
               'max_boxes': 4, 'bucket_sample_size': 50})

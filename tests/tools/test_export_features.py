@@ -23,13 +23,15 @@ from qna_detr.backbones import registry
 from qna_detr.data import pipeline
 from qna_detr.export import features
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.train import phases
 from qna_detr.utils import checkpoint_io
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tests' / 'train'))
 import train_testing  # noqa: E402
+
+pytestmark = pytest.mark.slow  # Subprocesses: the tools and the launcher.
 
 STEP = 3
 MEAN = np.array([0.485, 0.456, 0.406], np.float32)
@@ -44,7 +46,8 @@ def run(toy_dir, tmp_path_factory):
   config_file = train_testing.write_config_file(root / 'micro_config.py', toy_dir)
   config = phases.prepare(train_testing.micro_config(toy_dir), workdir)
   model = detectors.build(config, num_classes=3)  # Any head: only the backbone is read.
-  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), loop.abstract_state(config, model))
+  state = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype),
+                       train_step.abstract_state(config, model))
   params = _random_params(state.params['backbone'])
   state = state.replace(step=np.int32(STEP), params={**state.params, 'backbone': params})
   backbone = registry.build(config.model)

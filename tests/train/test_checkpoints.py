@@ -10,14 +10,14 @@ import pytest
 from qna_detr import detectors
 from qna_detr.data import toy
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.utils import checkpoint_io
 
 import train_testing
 
 
 def _abstract(config):
-  return loop.abstract_state(config, detectors.build(config, len(toy.CLASSES)))
+  return train_step.abstract_state(config, detectors.build(config, len(toy.CLASSES)))
 
 
 def _array_files(step_dir):

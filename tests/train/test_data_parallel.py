@@ -11,7 +11,11 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+
 import train_testing
+
+pytestmark = pytest.mark.slow  # Subprocesses: the tools and the launcher.
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -23,23 +27,23 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
     import train_testing
     from qna_detr import detectors, parallel
     from qna_detr.data import batching
-    from qna_detr.train import loop, optimizer, phases
+    from qna_detr.train import loop, optimizer, phases, train_step
 
     assert jax.device_count() == 8
     config = phases.prepare(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
     train_ds, _ = loop.build_datasets(config)
     detector = detectors.build(config, train_ds.num_classes)
-    frozen = loop.frozen_mask(config, detector)
+    frozen = train_step.frozen_mask(config, detector)
     tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=100,
                                               mask=frozen)
     batch = {k: v for k, v in next(iter(train_ds)).items() if k in detector.batch_keys}
-    initial = loop.create_state(config, detector, tx, jax.random.PRNGKey(0),
+    initial = train_step.initial_state(config, detector, tx, jax.random.PRNGKey(0),
                                 train_ds.bucket_shapes[0])
     results = []
     for devices in (jax.devices()[:1], jax.devices()):
       mesh = parallel.data_mesh(devices)
       state = jax.device_put(jax.tree.map(np.asarray, initial), parallel.replicated(mesh))
-      step = loop.jit_train_step(config, detector, tx, schedules, frozen, mesh)
+      step = train_step.jit_step(config, detector, tx, schedules, frozen, mesh)
       with jax.set_mesh(mesh):
         arrays = batching.to_global_arrays(batch, parallel.batch_sharding(mesh))
         state, metrics = step(state, arrays)

@@ -10,7 +10,7 @@ from qna_detr.data import batching
 from qna_detr.data import pipeline
 from qna_detr.data import toy
 from qna_detr.train import feature_cache
-from qna_detr.train import loop
+from qna_detr.train import train_step
 from qna_detr.train import optimizer
 from qna_detr.train import phases
 import train_testing
@@ -22,7 +22,7 @@ def setup(toy_dir):
   config.optimizer.freeze_backbone = True
   model = detectors.build(config, len(toy.CLASSES))
   tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1)
-  state = loop.create_state(config, model, tx, jax.random.PRNGKey(3), (64, 64))
+  state = train_step.initial_state(config, model, tx, jax.random.PRNGKey(3), (64, 64))
   images = pipeline.build_dataset(config, split='train', global_batch_size=4, shuffle_seed=0,
                                   train=False)
   return config, model, state, images
@@ -83,7 +83,7 @@ def test_batches_cover_every_entry_once_an_epoch_in_a_new_order():
 
 def test_a_step_on_cached_features_equals_a_step_on_the_images(setup):
   config, model, state, images = setup
-  frozen = loop.frozen_mask(config, model)
+  frozen = train_step.frozen_mask(config, model)
   tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=10, mask=frozen)
   batch = next(iter(images.iterator()))
   mesh = parallel.data_mesh()
@@ -96,7 +96,7 @@ def test_a_step_on_cached_features_equals_a_step_on_the_images(setup):
   for step_model, inputs, mask in [(model, batch['inputs'], batch['padding_mask']),
                                    (head, np.asarray(features.features),
                                     np.asarray(features.mask))]:
-    step = loop.jit_train_step(config, step_model, tx, schedules, frozen, mesh)
+    step = train_step.jit_step(config, step_model, tx, schedules, frozen, mesh)
     arrays = batching.to_global_arrays({'inputs': inputs, 'padding_mask': mask, **targets},
                                        sharding)
     with jax.set_mesh(mesh):

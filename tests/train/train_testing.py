@@ -13,7 +13,7 @@ from qna_detr import detectors
 from qna_detr import recipes
 from qna_detr.data import toy
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 # The toy set of the tests (tests/conftest.py's toy_dir is one): a toy dataset folder is
@@ -74,7 +74,7 @@ def write_random_checkpoint(workdir: str, config: ml_collections.ConfigDict, ste
       lambda leaf: (rng.normal(scale=0.5, size=leaf.shape).astype(leaf.dtype)
                     if np.issubdtype(leaf.dtype, np.floating) else np.zeros(leaf.shape,
                                                                             leaf.dtype)),
-      loop.abstract_state(config, detector))
+      train_step.abstract_state(config, detector))
   writer = checkpoints.Checkpointer(workdir, keep=keep)
   writer.save(step, state)
   writer.close()
