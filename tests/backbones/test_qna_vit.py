@@ -20,10 +20,22 @@ SMALL = QnAViTSpec(dims=(16, 32, 64, 128), qna_blocks=(1, 1, 1, 0), qna_heads=(2
 
 @pytest.mark.parametrize('name', sorted(RELEASED_PARAMS))
 def test_parameter_counts_match_release(name):
+  """Within the paper's rounding (the authors' README gives three decimals of millions)."""
   model = registry.build_classifier({'backbone': name}, 1000)
   shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
   count = sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes))
   assert abs(count / RELEASED_PARAMS[name] - 1) <= 1e-3
+
+
+def test_tiny_7x7_has_the_released_checkpoints_exact_count():
+  """The released checkpoint's 15,753,960 parameters, with its 1000-class head at 224 x 224."""
+  model = registry.build_classifier({'backbone': 'qna_vit_tiny_7x7'}, 1000)
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  assert sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)) == 15_753_960
+  kernels = {leaf.shape[:2] for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+             if 'rpe_bias' in jax.tree_util.keystr(path) and 'mixer' in jax.tree_util.keystr(path)
+             and leaf.ndim == 4}
+  assert kernels == {(7, 7)}  # Every QnA layer, the downsampling ones too.
 
 
 def test_pyramid_strides_for_odd_non_square_input():
