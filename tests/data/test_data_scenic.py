@@ -6,6 +6,7 @@ import itertools
 import sys
 import types
 
+import jax
 import numpy as np
 import pytest
 
@@ -55,9 +56,16 @@ def fake_scenic(monkeypatch):
   importlib.reload(qna_detr.data.scenic_dataset)
 
 
-def test_without_scenic_nothing_registers():
-  assert qna_detr.data.scenic_dataset.datasets is None
-  assert qna_detr.data.scenic_dataset.register() is False
+def test_without_scenic_nothing_registers(monkeypatch):
+  """Scenic absent (or disabled, where it is importable): nothing to register with."""
+  monkeypatch.setenv('QNA_DETR_DISABLE_SCENIC', '1')
+  try:
+    module = importlib.reload(qna_detr.data.scenic_dataset)
+    assert module.datasets is None and not module.available()
+    assert module.register() is False
+  finally:
+    monkeypatch.undo()
+    importlib.reload(qna_detr.data.scenic_dataset)
 
 
 def test_registered_builder_returns_sharded_iterators(fake_scenic, toy_config):
@@ -65,7 +73,8 @@ def test_registered_builder_returns_sharded_iterators(fake_scenic, toy_config):
   assert module.register() is True  # Registered on import; a second call changes nothing.
   builder = registry._REGISTRY[module.DATASET_NAME]
   dataset = builder(batch_size=4, eval_batch_size=4, num_shards=2, dtype_str='bfloat16',
-                    shuffle_seed=0, rng=None, dataset_configs=toy_config.dataset,
+                    shuffle_seed=0, rng=None,
+                    dataset_configs={**toy_config.dataset, 'batch_layout': 'qna_detr'},
                     dataset_service_address=None)
   batch = next(dataset.train_iter)
   assert batch['inputs'].shape[:2] == (2, 2) and batch['inputs'].dtype.name == 'bfloat16'
@@ -79,3 +88,38 @@ def test_registered_builder_returns_sharded_iterators(fake_scenic, toy_config):
   assert sorted(ids) == sorted(im['id'] for im in meta['coco_ground_truth']()['images'])
   next_pass = next(dataset.valid_iter)
   np.testing.assert_array_equal(next_pass['image_id'], one_pass[0]['image_id'])
+
+
+def _first_ids(builder, toy_config, **seeds):
+  dataset = builder(batch_size=4, eval_batch_size=4, num_shards=1, dataset_configs=dict(
+      toy_config.dataset), **seeds)
+  return next(dataset.train_iter)['label']['image/id'].ravel().tolist()
+
+
+def test_scenic_layout_and_seeds(fake_scenic, toy_config):
+  """Scenic's detection layout (padding class 0, masks of ones); the order follows
+  shuffle_seed, or the rng where the seed is None (Scenic's default)."""
+  module, registry = fake_scenic
+  builder = registry._REGISTRY[module.DATASET_NAME]
+  dataset = builder(batch_size=4, eval_batch_size=4, num_shards=2, shuffle_seed=None,
+                    rng=jax.random.PRNGKey(0), dataset_configs=dict(toy_config.dataset))
+  batch = next(dataset.train_iter)
+  assert dataset.meta_data['num_classes'] == 6  # Five classes and the padding class 0.
+  assert set(batch) == {'inputs', 'padding_mask', 'batch_mask', 'label'}
+  label = batch['label']
+  assert batch['padding_mask'].dtype == np.float32 and batch['padding_mask'].max() == 1.0
+  assert (batch['batch_mask'] == 1.0).all()
+  real = label['labels'] > 0
+  assert real.any() and (label['labels'] <= 5).all()
+  assert (label['boxes'][~real] == 0).all() and (label['boxes'][real] > 0).any()
+  val = next(dataset.valid_iter)
+  assert set(val['batch_mask'].ravel().tolist()) <= {0.0, 1.0}
+
+  same = _first_ids(builder, toy_config, shuffle_seed=3, rng=None)
+  assert same == _first_ids(builder, toy_config, shuffle_seed=3, rng=None)
+  key = jax.random.PRNGKey(5)
+  by_rng = _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
+  assert by_rng == _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
+  orders = {tuple(_first_ids(builder, toy_config, shuffle_seed=None,
+                             rng=jax.random.PRNGKey(seed))) for seed in range(4)}
+  assert len(orders) > 1  # Other keys, other orders.
