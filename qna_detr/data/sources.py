@@ -55,18 +55,33 @@ def _sample(sizes: np.ndarray, n: int) -> np.ndarray:
   return sizes[np.sort(np.random.default_rng(0).choice(len(sizes), n, replace=False))]
 
 
+# (annotation file, its mtime, image folder) -> {image id: problem}: a run builds the same
+# split several times (its phases, evaluation, the feature cache) but decodes it once.
+_CHECKED: dict[tuple[str, int, str], dict[int, str]] = {}
+
+
+def _image_problems(annotations: coco_json.CocoAnnotations,
+                    image_dir: str) -> dict[int, str]:
+  key = (os.path.abspath(annotations.path), os.stat(annotations.path).st_mtime_ns,
+         os.path.abspath(image_dir))
+  if key not in _CHECKED:
+    paths = [os.path.join(image_dir, im.file_name) for im in annotations.images]
+    problems, _ = image_check.check(paths,
+                                    [(im.height, im.width) for im in annotations.images])
+    _CHECKED[key] = {im.image_id: f'{p}: {path}' for im, path, p
+                     in zip(annotations.images, paths, problems) if p is not None}
+  return _CHECKED[key]
+
+
 def _check_image_files(annotations: coco_json.CocoAnnotations, image_dir: str,
                        skip_bad_examples: bool) -> coco_json.CocoAnnotations:
   """Decodes every image of the annotation file (`image_check`): missing, undecodable,
   corrupt or wrongly sized files are named, or skipped with `skip_bad_examples`."""
-  paths = [os.path.join(image_dir, im.file_name) for im in annotations.images]
-  problems, _ = image_check.check(paths, [(im.height, im.width) for im in annotations.images])
-  bad = {im.image_id: f'{p}: {path}' for im, path, p in zip(annotations.images, paths, problems)
-         if p is not None}
+  bad = _image_problems(annotations, image_dir)
   if bad and not skip_bad_examples:
     listed = '\n  '.join(f'image {i}: {why}' for i, why in list(bad.items())[:20])
     more = f'\n  ... and {len(bad) - 20} more' if len(bad) > 20 else ''
-    missing = all(p in (None, image_check.MISSING) for p in problems)
+    missing = all(p.startswith(image_check.MISSING) for p in bad.values())
     error = FileNotFoundError if missing else ValueError
     raise error(f'{len(bad)} bad image file(s) for {annotations.path} '
                 f'(set config.dataset.skip_bad_examples to skip them):\n  {listed}{more}')

@@ -11,8 +11,11 @@ does not depend on how many others are made.
 
 from __future__ import annotations
 
+import concurrent.futures
 import copy
 import json
+import logging
+import multiprocessing
 import os
 import shutil
 import tempfile
@@ -20,6 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+logger = logging.getLogger(__name__)
 
 CLASSES = ('rectangle', 'ellipse', 'triangle', 'cross', 'ring')
 ASPECT_RATIOS = (1.0, 4 / 3, 3 / 2)
@@ -132,6 +137,16 @@ def render_image(rng: np.random.Generator, height: int,
   return np.clip(np.round(image), 0, 255).astype(np.uint8), annotations
 
 
+def _write_image(job: tuple) -> tuple[str, list[dict]]:
+  """Renders and writes one image; returns its file name and objects."""
+  image_dir, split, seed, image_id, index, height, width = job
+  pixels, objects = render_image(np.random.default_rng([seed, SPLITS.index(split), index]),
+                                 height, width)
+  file_name = f'{image_id:012d}.jpg'
+  Image.fromarray(pixels).save(os.path.join(image_dir, file_name), quality=90)
+  return file_name, objects
+
+
 def write_split(output_dir: str, split: str, sizes: Sequence[tuple[int, int]], seed: int,
                 first_image_id: int = 1, params: dict | None = None) -> str:
   """Renders one image per (height, width) in `sizes` into a COCO folder split.
@@ -143,15 +158,16 @@ def write_split(output_dir: str, split: str, sizes: Sequence[tuple[int, int]], s
                  if k.startswith(split + '_')}
   os.makedirs(split_paths['images'], exist_ok=True)
   os.makedirs(os.path.dirname(split_paths['json']), exist_ok=True)
+  jobs = [(split_paths['images'], split, seed, first_image_id + index, index, int(h), int(w))
+          for index, (h, w) in enumerate(sizes)]
+  # Every image has its own random stream, so processes can render them in any order.
+  with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1,
+                                              mp_context=multiprocessing.get_context('fork')
+                                              ) as pool:
+    rendered = list(pool.map(_write_image, jobs, chunksize=64))
   images, annotations = [], []
-  for index, (height, width) in enumerate(sizes):
-    rng = np.random.default_rng([seed, SPLITS.index(split), index])
-    pixels, objects = render_image(rng, int(height), int(width))
-    image_id = first_image_id + index
-    file_name = f'{image_id:012d}.jpg'
-    Image.fromarray(pixels).save(os.path.join(split_paths['images'], file_name), quality=90)
-    images.append({'id': image_id, 'file_name': file_name, 'height': int(height),
-                   'width': int(width)})
+  for (_, _, _, image_id, _, height, width), (file_name, objects) in zip(jobs, rendered):
+    images.append({'id': image_id, 'file_name': file_name, 'height': height, 'width': width})
     for obj in objects:
       annotations.append({'id': len(annotations) + 1, 'image_id': image_id, 'iscrowd': 0,
                           'segmentation': [], **obj})
@@ -240,6 +256,9 @@ def prepare(config: Any, workdir: str) -> Any:
   if not toy_data:
     return config
   data_dir = toy_data.data_dir or os.path.join(workdir, 'toy_coco')
+  if not os.path.exists(paths(data_dir)['val_json']):
+    logger.info('Making the toy set (%d + %d images) in %s', toy_data.num_train,
+                toy_data.num_val, data_dir)
   made = ensure_toy_coco(data_dir, num_train=toy_data.num_train, num_val=toy_data.num_val,
                          image_size=toy_data.image_size, seed=toy_data.seed)
   config = copy.deepcopy(config)
