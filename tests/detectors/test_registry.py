@@ -65,6 +65,7 @@ def test_names_are_registered_once(registered):
     detectors.build(config, 5)
 
 
+@pytest.mark.slow  # End to end.
 def test_a_registered_variant_trains_and_evaluates(registered, tmp_path):
   config = train_testing.micro_config(str(tmp_path / 'data'), steps=3)
   config.model.name = registered

@@ -5,10 +5,13 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 REPO = pathlib.Path(__file__).resolve().parents[2]
 ENV = {**os.environ, 'PYTHONPATH': f'{REPO}{os.pathsep}{os.environ.get("PYTHONPATH", "")}'}
 
 
+@pytest.mark.slow  # End to end.
 def test_writes_results_table_and_plot(tmp_path: pathlib.Path):
   json_path, plot_path = tmp_path / 'bench.json', tmp_path / 'bench.png'
   proc = subprocess.run(

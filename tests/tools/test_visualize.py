@@ -15,6 +15,8 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / 'tests' / 'train'))
 import train_testing  # noqa: E402  pylint: disable=g-import-not-at-top
 
+pytestmark = pytest.mark.slow  # Subprocesses: the tools and the launcher.
+
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
   return train_testing.run_script('tools/visualize.py', args, timeout=600)

@@ -157,6 +157,7 @@ def _pretrain(config, workdir):
   return dense_pretraining.run(config, str(workdir), metric_writers.LoggingWriter())
 
 
+@pytest.mark.slow  # End to end.
 def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
   config = train_testing.micro_config(str(tmp_path / 'data'))
   config.backbone_pretraining.update(dict(steps=200, warmup_steps=10))
@@ -190,6 +191,7 @@ def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
     _pretrain(config, tmp_path)
 
 
+@pytest.mark.slow  # End to end.
 def test_a_killed_pretraining_resumes_exactly(tmp_path):
   """The phase checkpoints as it goes: with its last checkpoint gone (killed after step 2),
   a rerun continues from step 2 and ends where the uninterrupted phase ended."""

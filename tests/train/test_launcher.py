@@ -15,6 +15,8 @@ from tensorboard.backend.event_processing import event_accumulator
 
 import train_testing
 
+pytestmark = pytest.mark.slow  # Subprocesses: the tools and the launcher.
+
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 

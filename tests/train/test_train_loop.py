@@ -23,6 +23,7 @@ def _params_at(workdir, step):
   return {'params': stored['params'], 'ema_params': stored['ema_params']}
 
 
+@pytest.mark.slow  # End to end.
 @pytest.mark.parametrize('cached_features', [False, True])
 def test_resumed_run_equals_uninterrupted_run(tmp_path, cached_features):
   data = str(tmp_path / 'data')
