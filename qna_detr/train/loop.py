@@ -1,10 +1,10 @@
-"""Training a detector: the config checks, the state, the step loop, and `train_and_evaluate`.
+"""Training a detector: the config checks, the step loop and `train_and_evaluate`.
 
 Data parallel over every device of every process; resumes from the workdir's newest intact
 checkpoint (train state and data iterator); logs losses, learning rates, gradient norm, step
-time and images/s to the CLU writer; evaluates with pycocotools every `eval_every_epochs` and
-at the end, writing WORKDIR/metrics.json. `run_steps` is the step loop, shared with the
-backbone's dense pretraining.
+time and images/s to the writer and the console; evaluates with pycocotools every
+`eval_every_epochs` and at the end, writing WORKDIR/metrics.json. `run_steps` is the step
+loop, shared with the backbone's dense pretraining.
 """
 from collections.abc import Callable, Sequence
 import dataclasses
