@@ -35,8 +35,6 @@ _COORDINATOR = flags.DEFINE_string('coordinator_address', None,
                                    'host:port of process 0, for runs over several processes.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', 1, 'Processes of a multi-process run.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', 0, 'This process, in [0, num_processes).')
-_CACHE_DIR = flags.DEFINE_string('compilation_cache_dir', runtime.DEFAULT_CACHE_DIR,
-                                 "JAX's persistent compilation cache ('' = off).")
 
 if not scenic_dataset.available():  # Scenic's app defines these three itself.
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
@@ -57,7 +55,7 @@ def _initialize() -> None:
                          'the tf.data service; leave it unset.')
   if _NUM_PROCESSES.value > 1:
     jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
-  runtime.enable_compilation_cache(_CACHE_DIR.value)
+  runtime.enable_compilation_cache(runtime.CACHE_DIR.value)
   runtime.keep_freed_memory_on_cpu()
 
 
@@ -101,10 +99,11 @@ def launcher() -> str:
 def flag_modules() -> list:
   """The modules defining the entry point's flags: an entry point adopts their key flags
   (`flags.adopt_module_key_flags`) so that its `--help` lists them."""
+  modules = [sys.modules[__name__], runtime]
   if launcher() == 'scenic':
     from scenic import app as scenic_app  # pylint: disable=g-import-not-at-top
-    return [sys.modules[__name__], scenic_app]
-  return [sys.modules[__name__]]
+    modules.append(scenic_app)
+  return modules
 
 
 def run(main: Callable) -> None:

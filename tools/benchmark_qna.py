@@ -43,6 +43,7 @@ from absl import app, flags, logging
 from qna_detr.layers.qna import IMPLEMENTATIONS, QnA
 from qna_detr.layers.sasa import SASA
 from qna_detr.layers.window_attention import WindowAttention
+from qna_detr.utils import runtime
 from qna_detr.utils import xla_stats
 
 Array = jax.Array
@@ -52,6 +53,8 @@ PASSES = ('fwd', 'fwd_bwd')
 QNA_PREFIX = 'qna_'  # A QnA row is named QNA_PREFIX + its implementation.
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
+# Off by default here: compile_s then measures a full compile.
+flags.FLAGS.set_default('compilation_cache_dir', '')
 _PLOT = flags.DEFINE_string('plot', None, 'Also plot time and memory against k to this PNG.')
 _BATCH = flags.DEFINE_integer('batch', 2, 'Batch size.')
 _HEIGHT = flags.DEFINE_integer('height', 200, 'Feature map height (800 / stride 4).')
@@ -326,4 +329,4 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == '__main__':
-  app.run(main)
+  runtime.run_app(main)

@@ -162,7 +162,7 @@ def write_split(output_dir: str, split: str, sizes: Sequence[tuple[int, int]], s
           for index, (h, w) in enumerate(sizes)]
   # Every image has its own random stream, so processes can render them in any order.
   with concurrent.futures.ProcessPoolExecutor(os.cpu_count() or 1,
-                                              mp_context=multiprocessing.get_context('fork')
+                                              mp_context=multiprocessing.get_context('spawn')
                                               ) as pool:
     rendered = list(pool.map(_write_image, jobs, chunksize=64))
   images, annotations = [], []

@@ -19,6 +19,7 @@ from clu import metric_writers
 from clu import periodic_actions
 import jax
 import ml_collections
+import numpy as np
 
 from qna_detr import detectors
 from qna_detr import parallel
@@ -185,7 +186,7 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
         host = jax.device_get(history)
         _check_finite(host, step - len(host) + 1, loop)
       if logs:
-        scalars = train_step.mean_metrics(history)
+        scalars = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
         now = time.time()
         seconds = (now - last_log[1]) / (step - last_log[0])
         scalars.update(step_time_s=seconds, images_per_s=loop.batch_size / seconds)

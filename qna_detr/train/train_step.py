@@ -9,7 +9,6 @@ import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 
 from qna_detr import parallel
@@ -87,12 +86,6 @@ def make_train_step(module: flax.linen.Module, loss: Loss, tx: optax.GradientTra
     return new_state, metrics
 
   return train_step
-
-
-def mean_metrics(history: list[dict[str, jax.Array]]) -> dict[str, float]:
-  """Host means of the metrics of several steps (one device transfer for all of them)."""
-  stacked = jax.device_get(jax.tree.map(lambda *xs: jnp.stack(xs), *history))
-  return {k: float(np.mean(v)) for k, v in stacked.items()}
 
 
 def initial_state(config: ml_collections.ConfigDict, detector: DetectorDef, tx, key: jax.Array,

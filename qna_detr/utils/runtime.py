@@ -27,6 +27,8 @@ import jax
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser('~'), '.cache', 'qna_detr', 'jax')
+CACHE_DIR = flags.DEFINE_string('compilation_cache_dir', DEFAULT_CACHE_DIR,
+                                "JAX's persistent compilation cache ('' = off).")
 
 # mallopt parameters, from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -93,10 +95,15 @@ def configure_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+def _start_tool() -> None:
+  configure_logging()
+  enable_compilation_cache(CACHE_DIR.value)
+
+
 def run_app(main: Callable) -> None:
   """`absl.app.run(main)` for the tools, with `--help` printing the tool's own flags and
-  exiting 0, and the console configured before `main` runs."""
+  exiting 0, and the console and the compilation cache set up before `main` runs."""
   if any(arg in ('--help', '-h', '-?', '--helpshort') for arg in sys.argv[1:]):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-  app.call_after_init(configure_logging)
+  app.call_after_init(_start_tool)
   app.run(main)
