@@ -6,6 +6,7 @@ JAX starts.
 import json
 import os
 import pathlib
+import re
 import socket
 import subprocess
 import sys
@@ -101,6 +102,5 @@ def test_two_processes_train_over_jax_distributed(tmp_path):
   metrics = json.loads((workdir / 'metrics.json').read_text())
   assert set(metrics) >= {'AP', 'AP50', 'AR100'}
   # Both processes log the same global loss at every step: one program over both devices.
-  losses = [[line.split(' loss=')[1].split(',')[0] for line in err.splitlines()
-             if ' loss=' in line] for _, err in outputs]
+  losses = [re.findall(r'train \d/3  loss ([\d.]+)', err) for _, err in outputs]
   assert len(losses[0]) == 3 and losses[0] == losses[1]
