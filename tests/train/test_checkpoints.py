@@ -1,4 +1,5 @@
 """Finding and restoring checkpoints: what is wrong is named, broken steps are skipped."""
+import functools
 import glob
 import os
 import shutil
@@ -16,8 +17,15 @@ from qna_detr.utils import checkpoint_io
 import train_testing
 
 
-def _abstract(config):
+@functools.lru_cache(maxsize=4)
+def _abstract_of(hidden_dim):
+  config = train_testing.micro_config('unused')
+  config.model.hidden_dim = hidden_dim
   return train_step.abstract_state(config, detectors.build(config, len(toy.CLASSES)))
+
+
+def _abstract(config):
+  return _abstract_of(config.model.hidden_dim)
 
 
 def _array_files(step_dir):
@@ -26,13 +34,21 @@ def _array_files(step_dir):
   return sorted(files, key=os.path.getsize, reverse=True)
 
 
-@pytest.fixture
-def saved(tmp_path):
-  """Steps 1, 2 and 3 of the micro config's state in tmp_path (different random values)."""
-  config = train_testing.micro_config(str(tmp_path / 'data'))
-  states = {step: train_testing.write_random_checkpoint(str(tmp_path), config, step=step,
-                                                        keep=3)
+@pytest.fixture(scope='module')
+def written(tmp_path_factory):
+  """Steps 1, 2 and 3 of the micro config's state (different random values), written once."""
+  root = tmp_path_factory.mktemp('written')
+  config = train_testing.micro_config(str(root / 'data'))
+  states = {step: train_testing.write_random_checkpoint(str(root), config, step=step, keep=3)
             for step in (1, 2, 3)}
+  return root, config, states
+
+
+@pytest.fixture
+def saved(tmp_path, written):
+  """A copy of `written`'s steps in tmp_path, for a test to break."""
+  root, config, states = written
+  shutil.copytree(root / 'checkpoints', tmp_path / 'checkpoints')
   return config, states
 
 

@@ -41,20 +41,21 @@ def _state(detector, tx, ema=False):
 
 
 def _run(step, *args):
-  """`step` jitted and called under a one-device mesh (the detector's matcher solves each
+  """`step` (jitted) called under a one-device mesh (the detector's matcher solves each
   device's images on their own)."""
   with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
-    return jax.jit(step)(*args)
+    return step(*args)
 
 
-def _step(detector, freeze, tx=None, ema_decay=0.0):
-  """The train step (default: plain SGD at lr 1, so that the update is minus the gradient),
-  with the backbone frozen or not."""
+def _step(detector, freeze, tx=None, ema_decay=0.0, donate=False):
+  """The jitted train step (default: plain SGD at lr 1, so that the update is minus the
+  gradient), with the backbone frozen or not, donating the state as training does or not."""
   params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
   frozen = {k: jax.tree.map(lambda _, f=(freeze and k == 'backbone'): f, v)
             for k, v in params.items()}
-  return train_step.make_train_step(detector.module, detector.loss, tx or optax.sgd(1.0), {},
-                                    frozen, ema_decay)
+  return jax.jit(train_step.make_train_step(detector.module, detector.loss,
+                                            tx or optax.sgd(1.0), {}, frozen, ema_decay),
+                 donate_argnums=(0,) if donate else ())
 
 
 def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
@@ -92,7 +93,7 @@ def test_frozen_step_skips_the_backbone_backward(setup):
   flops = {}
   for freeze in (False, True):
     with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
-      compiled = jax.jit(_step(detector, freeze)).lower(state, batch).compile()
+      compiled = _step(detector, freeze).lower(state, batch).compile()
     flops[freeze] = compiled.cost_analysis()['flops']
   assert flops[True] < 0.6 * flops[False], flops
 
@@ -128,7 +129,7 @@ def test_new_weights_restart_the_average(setup):
   state = state.with_params(loaded)
   loaded = jax.tree.map(np.array, loaded)  # Host copies: the step donates the device buffers.
   with jax.set_mesh(parallel.data_mesh(jax.local_devices()[:1])):
-    state, _ = jax.jit(_step(detector, False, tx, ema_decay=0.5), donate_argnums=0)(state, batch)
+    state, _ = _step(detector, False, tx, ema_decay=0.5, donate=True)(state, batch)
   decay = 0.1  # min(0.5, (1 + 0) / (10 + 0)) at the first step.
   for got, start, now in zip(jax.tree.leaves(state.eval_params), jax.tree.leaves(loaded),
                              jax.tree.leaves(state.params), strict=True):
