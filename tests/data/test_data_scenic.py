@@ -120,6 +120,5 @@ def test_scenic_layout_and_seeds(fake_scenic, toy_config):
   key = jax.random.PRNGKey(5)
   by_rng = _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
   assert by_rng == _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
-  orders = {tuple(_first_ids(builder, toy_config, shuffle_seed=None,
-                             rng=jax.random.PRNGKey(seed))) for seed in range(4)}
-  assert len(orders) > 1  # Other keys, other orders.
+  other = _first_ids(builder, toy_config, shuffle_seed=None, rng=jax.random.PRNGKey(6))
+  assert other != by_rng  # Another key, another order (24 images: a clash is 1 in millions).
