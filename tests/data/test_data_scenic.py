@@ -121,4 +121,4 @@ def test_scenic_layout_and_seeds(fake_scenic, toy_config):
   by_rng = _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
   assert by_rng == _first_ids(builder, toy_config, shuffle_seed=None, rng=key)
   other = _first_ids(builder, toy_config, shuffle_seed=None, rng=jax.random.PRNGKey(6))
-  assert other != by_rng  # Another key, another order (24 images: a clash is 1 in millions).
+  assert other != by_rng  # Another key, another order (by chance the same: 1 in 255,024).
