@@ -9,11 +9,11 @@ and FLOPs, on all local devices. Imports no TensorFlow, CLU or pycocotools (it r
 JAX, flax, optax, orbax and ml_collections are installed).
 """
 import json
+import logging
 import statistics
 import time
 
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 import numpy as np
@@ -25,6 +25,7 @@ from qna_detr.train import train_step
 from qna_detr.utils import runtime
 from qna_detr.utils import xla_stats
 
+logger = logging.getLogger('qna_detr.tools.benchmark_train')
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file.',
                                           lock_config=False)
 _IMAGE_SIZE = flags.DEFINE_list(
@@ -98,7 +99,7 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
       jax.block_until_ready(metrics)
       if i >= warmup:
         times.append(time.perf_counter() - start)
-      logging.info('step %d/%d: %.3fs', i + 1, warmup + timed, time.perf_counter() - start)
+      logger.info('step %d/%d: %.3fs', i + 1, warmup + timed, time.perf_counter() - start)
   median = statistics.median(times)
   return {
       'config': config.experiment_name, 'backbone': config.model.backbone,

@@ -8,10 +8,10 @@ Prints pycocotools' 12-line summary and a per-category AP table; writes metrics.
 detections.json (COCO results, original category ids) and per_category_ap.txt to --output
 (default: WORKDIR/eval/<step>, so that the run's own results stay as they are).
 """
+import logging
 import os
 
 from absl import flags
-from absl import logging
 import jax
 from ml_collections import config_flags
 
@@ -25,6 +25,7 @@ from qna_detr.train import train_step
 from qna_detr.train import phases
 from qna_detr.utils import runtime
 
+logger = logging.getLogger('qna_detr.tools.evaluate')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
     lock_config=False)
@@ -47,7 +48,7 @@ def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str
   step_dir, state = checkpoints.load_state(workdir, checkpoint,
                                            train_step.abstract_state(config, detector))
   output = output or os.path.join(workdir, 'eval', os.path.basename(step_dir))
-  logging.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
+  logger.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
                dataset.num_examples)
   mesh = parallel.data_mesh()
   params = jax.device_put(state.eval_params, parallel.replicated(mesh))

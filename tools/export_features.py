@@ -15,11 +15,11 @@ map keeps its valid (unpadded) region only. Output: shards of numpy arrays, an i
 export_info.json, described in qna_detr/export/features.py. Rerunning an interrupted
 export with the same arguments continues after its last complete shard.
 """
+import logging
 import os
 import time
 
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 from ml_collections import config_flags
@@ -35,6 +35,7 @@ from qna_detr.train import phases
 from qna_detr.utils import runtime
 from qna_detr.utils import checkpoint_io
 
+logger = logging.getLogger('qna_detr.tools.export_features')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
     lock_config=False)
@@ -113,9 +114,9 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
       'num_images': dataset.num_examples, 'bucket_shapes': dataset.bucket_shapes}
   writer = features.ShardWriter(output, settings, shard_size)
   if writer.complete:
-    logging.info('%s already holds the complete export (%d images)', output, len(writer.done))
+    logger.info('%s already holds the complete export (%d images)', output, len(writer.done))
     return 0
-  logging.info('Exporting strides %s of %d images with %s (step %s) to %s', levels,
+  logger.info('Exporting strides %s of %d images with %s (step %s) to %s', levels,
                dataset.num_examples, path, step, output)
   params = features.load_backbone_params(backbone, path, config.model.backbone)
   names = (None if source is None and config.dataset.name == 'tfds_coco' else
@@ -123,10 +124,10 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
   extract_fn = features.make_extract_fn(backbone, list(channels), levels, dtype)
   computed = features.export(dataset, extract_fn, params, writer,
                              parallel.data_mesh(jax.local_devices()), names)
-  logging.info('Wrote %d images (%d in this run, %.0fs) to %s', len(writer.done), computed,
+  logger.info('Wrote %d images (%d in this run, %.0fs) to %s', len(writer.done), computed,
                time.time() - start, output)
   if image_dir:
-    logging.info('Skipped %d file(s) of %s that are not readable images%s', len(skipped),
+    logger.info('Skipped %d file(s) of %s that are not readable images%s', len(skipped),
                  image_dir, ''.join(f'\n  {s}' for s in skipped))
   return computed
 

@@ -19,11 +19,11 @@ Per image, into --output:
 and once (with --kind=kernels):
   kernel_parameters_L.png softmax(B) over the window and Ws, per query (row) and head (column).
 """
+import logging
 from collections.abc import Sequence
 import os
 
 from absl import flags
-from absl import logging
 import jax
 import ml_collections
 import numpy as np
@@ -42,6 +42,7 @@ from qna_detr.visualization import inputs
 
 KINDS = ('detections', 'attention', 'kernels')
 
+logger = logging.getLogger('qna_detr.tools.visualize')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Experiment config file; default: the run\'s own (WORKDIR/config.json).',
     lock_config=False)
@@ -124,7 +125,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
                  min_side=min_side, top_k=config.eval_top_k)
   step_dir, state = checkpoints.load_state(workdir, checkpoint, abstract)
   params = state.eval_params
-  logging.info('Drawing %s with %s (layer %s)', kinds, step_dir, chosen.name)
+  logger.info('Drawing %s with %s (layer %s)', kinds, step_dir, chosen.name)
   os.makedirs(output, exist_ok=True)
   names = None
   if images:  # The same evaluation transform, on the files.

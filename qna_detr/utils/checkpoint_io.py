@@ -141,8 +141,8 @@ class CheckpointDir:
     try:
       tree = self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
     except Exception as e:  # pylint: disable=broad-except  (TensorStore raises plain Exception)
-      raise CorruptCheckpoint(f'{step_dir}: an array file is missing, truncated or unreadable '
-                              f'({_first_line(e)})') from e
+      raise CorruptCheckpoint(f'{step_dir}: an array file is missing, truncated, corrupt or '
+                              f'unreadable ({_first_line(e)})') from e
     _verify(step_dir, jax.device_get(tree), expected)
     return tree
 
