@@ -28,6 +28,7 @@ XLA's static buffer assignment, the same for every layer, not a measured process
 """
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -38,7 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
 from qna_detr.layers.qna import IMPLEMENTATIONS, QnA
 from qna_detr.layers.sasa import SASA
@@ -52,6 +53,7 @@ LAYERS = ('qna', 'sasa', 'window', 'floor')
 PASSES = ('fwd', 'fwd_bwd')
 QNA_PREFIX = 'qna_'  # A QnA row is named QNA_PREFIX + its implementation.
 
+logger = logging.getLogger('qna_detr.tools.benchmark_qna')
 _JSON = flags.DEFINE_string('json', None, 'Also write the results to this JSON file.')
 # Off by default here: compile_s then measures a full compile.
 flags.FLAGS.set_default('compilation_cache_dir', '')
@@ -184,14 +186,14 @@ def run_all(rows: Sequence[str], windows: Sequence[int], passes: Sequence[str]
       params = jax.jit(layer.init)(key_params, x[:1, :k, :k], padding_mask[:1, :k, :k])
       for pass_name in passes:
         case = f'[{len(results) + 1}/{num_cases}] {name} k={k} {pass_name}'
-        logging.info('%s ...', case)
+        logger.info('%s ...', case)
         median, peak, calls, compile_s = measure(make_step(layer, pass_name),
                                                  (params, x, padding_mask),
                                                  _REPEATS.value, _BUDGET.value)
         results.append(Result(name, k, pass_name, median, peak, calls, compile_s))
         done_weight += k * k
         elapsed = time.perf_counter() - start
-        logging.info('%s: median %.3fs over %d, peak %.0f MiB, compile %.1fs; elapsed %.0fs, '
+        logger.info('%s: median %.3fs over %d, peak %.0f MiB, compile %.1fs; elapsed %.0fs, '
                      'ETA %.0fs', case, median, calls, peak / 2**20, compile_s, elapsed,
                      elapsed * (total_weight - done_weight) / done_weight)
   return results

@@ -1,6 +1,7 @@
 """Smoke test of tools/benchmark_qna.py on a tiny input: it runs and writes its JSON schema."""
 import json
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -26,6 +27,8 @@ def test_writes_results_table_and_plot(tmp_path: pathlib.Path):
                    for k in (3, 5) for p in ('fwd', 'fwd_bwd')}
   assert all(r['median_s'] > 0 and r['peak_bytes'] > 0 and r['compile_s'] > 0 for r in results)
   assert 'compile s' in proc.stdout and 'qna/sasa t' in proc.stdout
+  # Progress on the console: one line per case, with the ETA of the rest.
+  assert len(re.findall(r'\[\d+/20\] \w+ k=\d \w+: median .* ETA \d+s', proc.stderr)) == 20
   assert plot_path.stat().st_size > 0
 
 

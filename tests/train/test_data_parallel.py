@@ -3,6 +3,7 @@
 Each runs in fresh interpreters: the device count and jax.distributed must be set up before
 JAX starts.
 """
+import importlib.util
 import json
 import os
 import pathlib
@@ -85,7 +86,10 @@ def _free_port() -> int:
 
 
 def test_two_processes_train_over_jax_distributed(tmp_path):
-  """The launcher on two processes (one CPU device each) trains and evaluates together."""
+  """The launcher on two processes (one CPU device each) trains and evaluates together, through
+  Scenic's entry point where Scenic is importable, the project's otherwise."""
+  scenic = (importlib.util.find_spec('scenic') is not None and
+            importlib.util.find_spec('scenic.app') is not None)
   config_file = train_testing.write_config_file(tmp_path / 'micro_config.py',
                                                 str(tmp_path / 'data'), steps=3)
   port = _free_port()
@@ -99,6 +103,7 @@ def test_two_processes_train_over_jax_distributed(tmp_path):
   outputs = [p.communicate(timeout=900) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-4000:]
+    assert f'Launcher: {"scenic" if scenic else "qna_detr"}' in err
   metrics = json.loads((workdir / 'metrics.json').read_text())
   assert set(metrics) >= {'AP', 'AP50', 'AR100'}
   # Both processes log the same global loss at every step: one program over both devices.

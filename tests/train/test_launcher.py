@@ -71,6 +71,8 @@ def test_own_entry_point_then_evaluate(tmp_path):
   assert 'val/APl' not in tags['scalars']  # -1 from pycocotools: no large objects.
   assert [s.step for s in _tensorboard(workdir).Scalars('val/AP')] == [3]
   assert any(tag.startswith('val/pictures/') for tag in tags['images'])
+  config_text = _tensorboard(workdir).Tensors('config')[0].tensor_proto.string_val[0].decode()
+  assert 'num_train_steps: 3' in config_text  # The resolved config, overrides included.
   # tools/evaluate.py on the final checkpoint, with the run's own config (config.json):
   # the summary, the files (in WORKDIR/eval/<step> by default), the numbers of the run.
   trained = json.loads((workdir / 'metrics.json').read_text())
@@ -91,10 +93,9 @@ def test_own_entry_point_then_evaluate(tmp_path):
   assert 'config.checkpoint_every_steps, config.num_train_steps' in other.stderr
 
 
-@pytest.mark.parametrize('script', ['projects/qna_detr/main.py', 'tools/evaluate.py',
-                                    'tools/predict.py', 'tools/export_model.py',
-                                    'tools/export_features.py', 'tools/visualize.py',
-                                    'tools/pretrain_backbone.py', 'tools/model_summary.py'])
+# The README's scripts are run with --help by tests/test_readme.py.
+@pytest.mark.parametrize('script', ['tools/pretrain_backbone.py', 'tools/model_summary.py',
+                                    'tools/classify.py'])
 def test_help_lists_the_flags_and_exits_0(script):
   result = _run(script, ['--help'])
   assert '--workdir' in result.stdout or '--backbone' in result.stdout, result.stdout
