@@ -7,6 +7,7 @@ for the other two (whose code paths differ: the tool's files and the exported pr
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -97,17 +98,25 @@ def test_bad_images_are_named(detector, tmp_path):
     detector(np.zeros((8, 8), np.float32))
 
 
-def test_predict_tool_writes_the_api_detections(run, detector, tmp_path):
-  paths = [run['images'][i] for i in sorted(run['images'])[:2]]
-  _run('tools/predict.py', [f'--workdir={run["workdir"]}', f'--images={",".join(paths)}',
-                            f'--output={tmp_path}', '--threshold=0'])
-  written = json.loads((tmp_path / 'predictions.json').read_text())
+@pytest.mark.parametrize('source', ['--images', '--image_dir'])
+def test_predict_tool_writes_the_api_detections(run, detector, tmp_path, source):
+  folder = tmp_path / 'photos'
+  folder.mkdir()
+  paths = []
+  for i in sorted(run['images'])[:2]:
+    paths.append(str(folder / os.path.basename(run['images'][i])))
+    shutil.copy(run['images'][i], paths[-1])
+  given = f'--images={",".join(paths)}' if source == '--images' else f'--image_dir={folder}'
+  output = tmp_path / 'predictions'
+  _run('tools/predict.py', [f'--workdir={run["workdir"]}', given, f'--output={output}',
+                            '--threshold=0'])
+  written = json.loads((output / 'predictions.json').read_text())
   for image_id, (path, detections) in enumerate(zip(paths, detector(paths))):
     mine = [d for d in written if d['image_id'] == image_id]
     assert {d['file_name'] for d in mine} == {path}
     np.testing.assert_allclose(sorted(d['score'] for d in mine), sorted(detections.scores),
                                rtol=1e-6)
-  assert len(list(tmp_path.glob('*_detections.png'))) == 2
+  assert len(list(output.glob('*_detections.png'))) == 2
 
 
 _EXPORTED = textwrap.dedent('''

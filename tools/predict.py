@@ -24,7 +24,7 @@ from qna_detr.visualization import drawing
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.', required=True)
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory; default: '
                                   'the newest intact one in the workdir.')
-_IMAGES = flags.DEFINE_list('images', [], 'Image files.')
+_IMAGES = flags.DEFINE_list('images', None, 'Image files.')
 _IMAGE_DIR = flags.DEFINE_string('image_dir', None, 'A folder of images (not its subfolders).')
 _OUTPUT = flags.DEFINE_string('output', None, 'Where to write the results.', required=True)
 _THRESHOLD = flags.DEFINE_float('threshold', 0.5, 'Smallest score of a kept detection.')
