@@ -2,7 +2,8 @@
 # The accelerator check, in one call: QnA against its peers (every implementation, k = 3..11,
 # forward and forward+backward) and the train steps of QnA-ViT-T DETR and DETR-R50 (800 x 1216,
 # global batch 32 or the largest that fits, float32 and bfloat16), as JSON files in --out, with
-# summary.json holding the goals met or missed. About 6 minutes on one H100-class GPU.
+# summary.json holding the goals met or missed. Sized to finish within 8 minutes on one
+# H100-class GPU.
 #
 #   tools/accelerator_benchmarks.sh --out DIR [--wheels DIR] [--cpu-smoke]
 #
