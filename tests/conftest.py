@@ -123,11 +123,3 @@ def crowd_data(real_data) -> dict:
                               'iscrowd': 1, 'segmentation': {'counts': [], 'size': [427, 640]}})
   data['images'].append({'id': 5, 'file_name': 'empty.jpg', 'height': 50, 'width': 70})
   return data
-
-
-def pytest_collection_modifyitems(config, items):
-  """Modules with slow (end-to-end) tests first, each module's tests kept in order: with two
-  workers the long tests start early, instead of one of them running alone at the end."""
-  del config
-  slow = {item.module for item in items if item.get_closest_marker('slow')}
-  items.sort(key=lambda item: item.module not in slow)
