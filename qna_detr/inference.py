@@ -25,11 +25,8 @@ from PIL import Image
 import tensorflow as tf
 
 from qna_detr import detectors
+from qna_detr import workdir as run_files
 from qna_detr.data import pipeline
-from qna_detr.train import checkpoints
-from qna_detr.train import train_step
-from qna_detr.train import phases
-from qna_detr.train import workdir as run_files
 
 ImageInput = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -70,17 +67,17 @@ def load_image(image: ImageInput) -> np.ndarray:
 class Detector:
   """A trained detector: its `DetectorDef`, parameters, classes and evaluation transform."""
 
-  def __init__(self, config: ml_collections.ConfigDict, detector: detectors.DetectorDef,
-               params: Any, class_names: Sequence[str], category_ids: Sequence[int],
-               bucket_shapes: Sequence[Sequence[int]]):
+  def __init__(self, run: run_files.TrainedRun):
+    config = run.config
+    self.run = run
     self.config = config
-    self.detector = detector
-    self.params = jax.device_put(params)
-    self.class_names = list(class_names)
-    self.category_ids = np.asarray(category_ids, np.int64)
-    self.bucket_shapes = tuple(tuple(int(v) for v in s) for s in bucket_shapes)
+    self.detector: detectors.DetectorDef = run.detector
+    self.params = jax.device_put(run.params)
+    self.class_names = list(run.class_names)
+    self.category_ids = np.asarray(run.category_ids, np.int64)
+    self.bucket_shapes = run.eval_bucket_shapes
     self.batch_size = config.eval_batch_size
-    self._predict = jax.jit(lambda p, inputs, mask, sizes: detector.predict(
+    self._predict = jax.jit(lambda p, inputs, mask, sizes: run.detector.predict(
         p, inputs, mask, sizes, config.eval_top_k))
 
   @classmethod
@@ -88,15 +85,7 @@ class Detector:
                    config: ml_collections.ConfigDict | None = None) -> Detector:
     """The run in `workdir` (its config.json), at `checkpoint` (a step directory; default:
     the newest intact one). A `config` given must be the run's."""
-    if config is not None:
-      config = phases.prepare(config, workdir)
-    config, dataset = run_files.load(workdir, config)
-    num_classes = len(dataset['class_names'])
-    detector = detectors.build(config, num_classes)
-    _, state = checkpoints.load_state(workdir, checkpoint,
-                                      train_step.abstract_state(config, detector))
-    return cls(config, detector, state.eval_params, dataset['class_names'],
-               dataset['category_ids'], dataset['eval_bucket_shapes'])
+    return cls(run_files.load_run(workdir, checkpoint, config))
 
   @classmethod
   def from_checkpoint(cls, path: str) -> Detector:

@@ -33,7 +33,10 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1,
       schedule='step',  # 'step': x decay_factor after each of decay_epochs; 'cosine'.
-      decay_epochs=(50,), decay_factor=0.1, warmup_steps=0,
+      # Epochs after which the step schedule decays; None: after decay_fraction of the run
+      # (2/3: epoch 50 of the paper's 75), so that --config.num_epochs moves the decay.
+      decay_epochs=config_dict.placeholder(tuple), decay_fraction=2 / 3, decay_factor=0.1,
+      warmup_steps=0,
       freeze_backbone=False))  # True: the backbone's parameters stay fixed (no backward).
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet checkpoint of the backbone ('' = train from scratch).
@@ -42,6 +45,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   # without an ImageNet checkpoint (train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
       steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4,
+      feature_level=-1,  # The backbone level whose sub-cells learn the targets (-1: last).
       upsample=4,  # Sub-cells per feature-map cell side whose targets are learned.
       edge_weight=3.0))  # Of the box edges' L1 loss against the class maps' cross-entropy.
   config.ema_decay = 0.0  # > 0: evaluation reads a moving average of the parameters.
@@ -53,7 +57,7 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config.log_every_steps = 100
   config.checkpoint_every_steps = 2000
   config.keep_checkpoints = 3
-  config.eval_every_epochs = 5.0
+  config.eval_every_epochs = 5.0  # None: at the end only.
   config.eval_top_k = 100  # Detections kept per image.
   return config
 
@@ -97,9 +101,9 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config.batch_size = 16
   config.eval_batch_size = 16
   config.num_epochs = 12  # 6000 steps.
-  config.optimizer.decay_epochs = (round(0.82 * config.num_epochs, 2),)  # The last 18%: x0.1.
+  config.optimizer.decay_fraction = 0.82  # The last 18% of the run at x0.1.
   config.eval_top_k = 20
   config.log_every_steps = 100  # A console line and TensorBoard point every 100 steps.
   config.checkpoint_every_steps = 2000
-  config.eval_every_epochs = float(config.num_epochs)  # At the end only.
+  config.eval_every_epochs = None  # At the end only.
   return config

@@ -80,10 +80,10 @@ def benchmark(config, shape: tuple[int, int], num_classes: int, timed: int, warm
   host_batch = synthetic_batch(config.batch_size, shape, num_classes, config.dataset.max_boxes)
   step_detector = detector
   if config.train_input == 'cached_features':  # The loop's step then reads features.
-    feature_map = detector.backbone_features(jax.device_get(state.params['backbone']),
-                                             host_batch['inputs'], host_batch['padding_mask'])
-    host_batch.update(inputs=np.asarray(feature_map.features),
-                      padding_mask=np.asarray(feature_map.mask))
+    pyramid = detector.backbone_features(jax.device_get(state.params['backbone']),
+                                         host_batch['inputs'], host_batch['padding_mask'])
+    host_batch.update(inputs=tuple(np.asarray(level.features) for level in pyramid),
+                      padding_mask=tuple(np.asarray(level.mask) for level in pyramid))
     step_detector = detector.on_features()
   batch = jax.device_put(host_batch, parallel.batch_sharding(mesh))
   step_fn = train_step.jit_step(config, step_detector, tx, schedules, mask, mesh)

@@ -17,12 +17,10 @@ from ml_collections import config_flags
 
 from qna_detr import detectors
 from qna_detr import parallel
+from qna_detr import workdir as run_files
 from qna_detr.data import pipeline
 from qna_detr.evaluation import coco_eval
 from qna_detr.evaluation import predict
-from qna_detr.train import checkpoints
-from qna_detr.train import train_step
-from qna_detr.train import phases
 from qna_detr.utils import runtime
 
 logger = logging.getLogger('qna_detr.tools.evaluate')
@@ -41,17 +39,15 @@ flags.mark_flags_as_required(['workdir'])
 
 def evaluate_checkpoint(config, workdir: str, checkpoint: str | None, split: str,
                         output: str | None) -> dict[str, float]:
-  config = phases.config_of_run(workdir, config)
+  config = run_files.load_config(workdir, config)[0]
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
-  step_dir, state = checkpoints.load_state(workdir, checkpoint,
-                                           train_step.abstract_state(config, detector))
+  step_dir, params = run_files.load_params(workdir, checkpoint, detector, config)
   output = output or os.path.join(workdir, 'eval', os.path.basename(step_dir))
-  logger.info('Evaluating %s (step %d) on %s: %d images', step_dir, int(state.step), split,
-               dataset.num_examples)
+  logger.info('Evaluating %s on %s: %d images', step_dir, split, dataset.num_examples)
   mesh = parallel.data_mesh()
-  params = jax.device_put(state.eval_params, parallel.replicated(mesh))
+  params = jax.device_put(params, parallel.replicated(mesh))
   metrics, per_category, summary, detections = predict.evaluate(detector, params, dataset, mesh,
                                                                 config.eval_top_k)
   if jax.process_index() == 0:

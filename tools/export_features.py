@@ -25,13 +25,12 @@ import ml_collections
 from ml_collections import config_flags
 
 from qna_detr import parallel
+from qna_detr import workdir as run_files
 from qna_detr.backbones import base
 from qna_detr.backbones import registry
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
 from qna_detr.export import features
-from qna_detr.train import checkpoints
-from qna_detr.train import phases
 from qna_detr.utils import runtime
 from qna_detr.utils import checkpoint_io
 
@@ -78,8 +77,8 @@ def _checkpoint_path(workdir: str, checkpoint: str | None) -> tuple[str, int | N
   """The checkpoint to read and its training step (None for a msgpack file)."""
   if checkpoint and os.path.isfile(checkpoint):
     return os.path.abspath(checkpoint), None
-  step_dir = checkpoints.find(workdir, checkpoint) or checkpoint_io.resolve_step_dir(
-      os.path.join(workdir, checkpoints.SUBDIR))
+  step_dir = run_files.find_checkpoint(workdir, checkpoint) or checkpoint_io.resolve_step_dir(
+      os.path.join(workdir, run_files.CHECKPOINTS))
   return step_dir, int(os.path.basename(step_dir))
 
 
@@ -96,7 +95,7 @@ def export_features(config: ml_collections.ConfigDict, workdir: str, *, checkpoi
                     shard_size: int) -> int:
   """Runs (or resumes) the export; returns the number of images computed by this call."""
   start = time.time()
-  config = phases.config_of_run(workdir, config)
+  config = run_files.load_config(workdir, config)[0]
   _resize_to(config, size)
   backbone = registry.build(config.model)
   channels = base.pyramid_levels(backbone)

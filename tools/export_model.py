@@ -12,10 +12,9 @@ import os
 
 from absl import flags
 
-from qna_detr import inference
+from qna_detr import workdir as run_files
 from qna_detr.backbones import base
 from qna_detr.export import model
-from qna_detr.train import checkpoints
 from qna_detr.utils import runtime
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'The training run\'s workdir.', required=True)
@@ -43,12 +42,11 @@ def _shapes(values: list[str]) -> list[tuple[int, int]]:
 
 def main(argv):
   del argv
-  step_dir = checkpoints.find(_WORKDIR.value, _CHECKPOINT.value)
-  detector = inference.Detector.from_workdir(_WORKDIR.value, step_dir)
-  info = model.export(detector, _OUTPUT.value, shapes=_shapes(_IMAGE_SIZE.value),
+  run = run_files.load_run(_WORKDIR.value, _CHECKPOINT.value)
+  info = model.export(run, _OUTPUT.value, shapes=_shapes(_IMAGE_SIZE.value),
                       dtype=_DTYPE.value, platforms=_PLATFORMS.value or None,
                       source={'workdir': os.path.abspath(_WORKDIR.value),
-                              'checkpoint': step_dir or 'newest intact'})
+                              'checkpoint': run.step_dir})
   logger.info('Wrote %s and %s to %s', ', '.join(p['file'] for p in info['programs']),
               model.INFO, _OUTPUT.value)
 

@@ -30,11 +30,9 @@ import numpy as np
 from ml_collections import config_flags
 
 from qna_detr import detectors
+from qna_detr import workdir as run_files
 from qna_detr.data import image_folder
 from qna_detr.data import pipeline
-from qna_detr.train import checkpoints
-from qna_detr.train import train_step
-from qna_detr.train import phases
 from qna_detr.utils import runtime
 from qna_detr.visualization import capture
 from qna_detr.visualization import figures
@@ -108,12 +106,11 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   bad = sorted(set(kinds) - set(KINDS))
   if bad or not kinds:
     raise ValueError(f'--kind={",".join(kinds)}: choose from {KINDS}.')
-  config = phases.config_of_run(workdir, config)
+  config = run_files.load_config(workdir, config)[0]
   dataset = pipeline.build_dataset(config, split=split, global_batch_size=config.eval_batch_size,
                                    shuffle_seed=0, train=False)
   detector = detectors.build(config, dataset.num_classes)
-  abstract = train_step.abstract_state(config, detector)
-  layers = capture.describe_layers(detector.module, abstract.params)
+  layers = capture.describe_layers(detector.module, detector.abstract_params())
   if list_layers:
     for index, item in enumerate(layers.values()):
       print(f'{index}: {item.short_name} ({item.name}): heads {item.heads}, queries '
@@ -123,8 +120,7 @@ def visualize(config: ml_collections.ConfigDict, workdir: str, checkpoint: str |
   options = dict(heads=capture.select_heads(chosen, heads),
                  query=capture.check_query(chosen, query), threshold=threshold,
                  min_side=min_side, top_k=config.eval_top_k)
-  step_dir, state = checkpoints.load_state(workdir, checkpoint, abstract)
-  params = state.eval_params
+  step_dir, params = run_files.load_params(workdir, checkpoint, detector, config)
   logger.info('Drawing %s with %s (layer %s)', kinds, step_dir, chosen.name)
   os.makedirs(output, exist_ok=True)
   names = None

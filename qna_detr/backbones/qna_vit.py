@@ -20,6 +20,7 @@ from qna_detr.backbones import registry
 from qna_detr.backbones.base import FeatureMap
 from qna_detr.layers import masking
 from qna_detr.layers.blocks import Block
+from qna_detr.layers import qna
 from qna_detr.layers.qna import QnA
 from qna_detr.layers.window_attention import WindowAttention
 
@@ -161,6 +162,19 @@ class QnAViTClassifier(nn.Module):
     return nn.Dense(self.num_classes, name='head')(pooled)
 
 
+def _check(model_config: registry.ModelConfig) -> None:
+  """`dtype`, `qna_implementation` and `backbone_drop_path`, before a run starts."""
+  base.compute_dtype(model_config.get('dtype', 'float32'))
+  implementation = model_config.get('qna_implementation', 'auto')
+  if implementation not in qna.IMPLEMENTATIONS:
+    raise ValueError(f'config.model.qna_implementation={implementation!r} is not one of '
+                     f'{qna.IMPLEMENTATIONS}.')
+  drop_path = model_config.get('backbone_drop_path')
+  if drop_path is not None and not 0 <= drop_path < 1:
+    raise ValueError(f'config.model.backbone_drop_path={drop_path} must be in [0, 1) (None: '
+                     "the variant's rate).")
+
+
 def _build(spec: QnAViTSpec, model_config: registry.ModelConfig) -> QnAViT:
   """Reads `dtype`, `backbone_drop_path` (None: the variant's rate) and
   `qna_implementation` (`qna_detr.layers.qna.IMPLEMENTATIONS`)."""
@@ -181,6 +195,6 @@ for _name, _spec in VARIANTS.items():
       build=functools.partial(_build, _spec),
       build_classifier=functools.partial(_build_classifier, _spec),
       weight_formats=('qna_detr', 'authors'),
-      released_params=RELEASED_IMAGENET_PARAMS.get(_name),
+      released_params=RELEASED_IMAGENET_PARAMS.get(_name), check=_check,
       description=f'QnA-ViT, dims {tuple(_spec.dims)}, {_spec.qna_kernel} x {_spec.qna_kernel} '
                   'QnA windows'))

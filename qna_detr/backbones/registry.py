@@ -15,12 +15,18 @@ from typing import Any
 
 import flax.linen as nn
 
+from qna_detr.utils.registry import Registry
+
 ModelConfig = Mapping[str, Any]  # config.model, or any mapping with the keys an entry reads.
 
 
 def _nothing_frozen(path: tuple[str, ...]) -> bool:
   del path
   return False
+
+
+def _no_check(model_config: ModelConfig) -> None:
+  del model_config
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,6 +43,8 @@ class BackboneEntry:
     released_params: parameter count of the reference ImageNet classifier (1000 classes,
       224 x 224), for `tools/model_summary.py`; None if there is none.
     description: one line for listings.
+    check: raises a ValueError naming the `config.model` key it reads that is wrong, before
+      a run starts.
   """
   build: Callable[[ModelConfig], nn.Module]
   build_classifier: Callable[[ModelConfig, int], nn.Module] | None = None
@@ -44,27 +52,28 @@ class BackboneEntry:
   frozen: Callable[[tuple[str, ...]], bool] = _nothing_frozen
   released_params: int | None = None
   description: str = ''
+  check: Callable[[ModelConfig], None] = _no_check
 
 
-_ENTRIES: dict[str, BackboneEntry] = {}
+_REGISTRY: Registry[BackboneEntry] = Registry('backbone', 'config.model.backbone')
 
 
 def register(name: str, entry: BackboneEntry) -> None:
   """Adds a backbone under `name`; a name is registered once."""
-  if name in _ENTRIES:
-    raise ValueError(f'A backbone named {name!r} is already registered')
-  _ENTRIES[name] = entry
+  _REGISTRY.register(name, entry)
 
 
 def names() -> list[str]:
-  return sorted(_ENTRIES)
+  return _REGISTRY.names()
 
 
 def get(name: str) -> BackboneEntry:
-  if name not in _ENTRIES:
-    raise ValueError(f'config.model.backbone={name!r} is not a registered backbone; choose one '
-                     f'of {names()}.')
-  return _ENTRIES[name]
+  return _REGISTRY.get(name)
+
+
+def check(model_config: ModelConfig) -> None:
+  """The backbone `model_config['backbone']` exists and accepts the keys it reads."""
+  get(model_config['backbone']).check(model_config)
 
 
 def build(model_config: ModelConfig) -> nn.Module:

@@ -168,4 +168,5 @@ registry.register('resnet50', registry.BackboneEntry(
     build=_build, build_classifier=_build_classifier,
     weight_formats=('qna_detr', 'torchvision'), frozen=frozen_param,
     released_params=TORCHVISION_RESNET50_PARAMS,
+    check=lambda model_config: base.compute_dtype(model_config.get('dtype', 'float32')),
     description='ResNet-50 with frozen batch norm (DETR\'s backbone)'))

@@ -23,6 +23,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from qna_detr.utils import files
+
 logger = logging.getLogger(__name__)
 
 CLASSES = ('rectangle', 'ellipse', 'triangle', 'cross', 'ring')
@@ -234,31 +236,38 @@ def _check_params(train_json: str, params: dict[str, int]) -> None:
   """Raises if the dataset of `train_json` was made with other arguments than `params`."""
   with open(train_json) as f:
     made_with = json.load(f).get('info', {}).get('toy_params', {})
-  differ = {k: (made_with.get(k), v) for k, v in params.items() if made_with.get(k) != v}
-  if not differ:
-    return
   folder = os.path.dirname(os.path.dirname(train_json))
-  wanted = ', '.join(f'{k}={new}' for k, (_, new) in differ.items())
-  made = (', '.join(f'{k}={old}' for k, (old, _) in differ.items()) if made_with
-          else 'arguments it does not record (an older version made it)')
-  raise ValueError(f'The toy dataset in {folder} was made with {made}, but config.toy_data '
-                   f'asks for {wanted}: delete that folder to make the new one, or set '
-                   f'config.toy_data.data_dir elsewhere.')
+  files.check_settings(made_with, params, f'The toy dataset in {folder}',
+                       'delete that folder to make the new one, or set '
+                       'config.toy_data.data_dir elsewhere', prefix='config.toy_data.')
 
 
-def prepare(config: Any, workdir: str) -> Any:
-  """Where `config.toy_data` asks for the toy set: makes it (in `toy_data.data_dir`, default
-  WORKDIR/toy_coco) unless it is there, and points the COCO folder of `config.dataset` at it.
-  Other configs are returned as they are."""
+def _data_dir(toy_data: Any, workdir: str) -> str:
+  return toy_data.data_dir or os.path.join(workdir, 'toy_coco')
+
+
+def with_paths(config: Any, workdir: str) -> Any:
+  """Where `config.toy_data` asks for the toy set: the config reading it (in
+  `toy_data.data_dir`, default WORKDIR/toy_coco) as its COCO folder, without making it. Other
+  configs are returned as they are."""
   toy_data = config.get('toy_data')
   if not toy_data:
     return config
-  data_dir = toy_data.data_dir or os.path.join(workdir, 'toy_coco')
+  config = copy.deepcopy(config)
+  config.dataset.update(name='coco_folder', **paths(os.path.abspath(_data_dir(toy_data,
+                                                                                workdir))))
+  return config
+
+
+def prepare(config: Any, workdir: str) -> Any:
+  """`with_paths`, the toy set made first unless it is there."""
+  toy_data = config.get('toy_data')
+  if not toy_data:
+    return config
+  data_dir = _data_dir(toy_data, workdir)
   if not os.path.exists(paths(data_dir)['val_json']):
     logger.info('Making the toy set (%d + %d images) in %s', toy_data.num_train,
                 toy_data.num_val, data_dir)
-  made = ensure_toy_coco(data_dir, num_train=toy_data.num_train, num_val=toy_data.num_val,
-                         image_size=toy_data.image_size, seed=toy_data.seed)
-  config = copy.deepcopy(config)
-  config.dataset.update(name='coco_folder', **made)
-  return config
+  ensure_toy_coco(data_dir, num_train=toy_data.num_train, num_val=toy_data.num_val,
+                  image_size=toy_data.image_size, seed=toy_data.seed)
+  return with_paths(config, workdir)

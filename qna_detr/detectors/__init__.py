@@ -2,8 +2,8 @@
 
 Importing the package registers the built-in detectors ('detr').
 """
-from qna_detr.detectors.base import DetectorDef
-from qna_detr.detectors.registry import build, names, register
+from qna_detr.detectors.base import DetectorDef, select_levels
+from qna_detr.detectors.registry import build, check, names, register
 from qna_detr.detectors.detr import builder as _detr  # noqa: F401  (registers 'detr')
 
-__all__ = ['DetectorDef', 'build', 'names', 'register']
+__all__ = ['DetectorDef', 'build', 'check', 'names', 'register', 'select_levels']

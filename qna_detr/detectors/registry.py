@@ -1,34 +1,52 @@
-"""Detector builders by name, as `config.model.name` refers to them.
+"""Detectors by name, as `config.model.name` refers to them.
 
-A builder takes the experiment config (`model`, and the other sections it documents) and the
-number of classes, and returns a `DetectorDef`.
+An entry is a builder, which takes the experiment config (`model`, and the other sections it
+documents) and the number of classes and returns a `DetectorDef`, and a check of the config
+keys the detector reads, run before anything else when a run starts (errors name the key).
 """
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
+from qna_detr.backbones import registry as backbones
 from qna_detr.detectors.base import DetectorDef
+from qna_detr.utils.registry import Registry
 
 Builder = Callable[[Any, int], DetectorDef]
-_BUILDERS: dict[str, Builder] = {}
+Check = Callable[[Any], None]
 
 
-def register(name: str, builder: Builder) -> None:
-  """Adds a detector builder under `name`; a name is registered once."""
-  if name in _BUILDERS:
-    raise ValueError(f'A detector named {name!r} is already registered')
-  _BUILDERS[name] = builder
+def _no_check(config: Any) -> None:
+  del config
+
+
+@dataclasses.dataclass(frozen=True)
+class DetectorEntry:
+  build: Builder
+  check: Check = _no_check
+
+
+_REGISTRY: Registry[DetectorEntry] = Registry('detector', 'config.model.name')
+
+
+def register(name: str, builder: Builder, check: Check = _no_check) -> None:
+  """Adds a detector under `name`: its builder and the check of its config keys."""
+  _REGISTRY.register(name, DetectorEntry(builder, check))
 
 
 def names() -> list[str]:
-  return sorted(_BUILDERS)
+  return _REGISTRY.names()
+
+
+def check(config: Any) -> None:
+  """The config's detector and backbone exist, and each accepts the keys it reads."""
+  entry = _REGISTRY.get(config.model.name)
+  backbones.check(config.model)
+  entry.check(config)
 
 
 def build(config: Any, num_classes: int) -> DetectorDef:
   """The detector `config.model.name` names, for `num_classes` object classes."""
-  name = config.model.name
-  if name not in _BUILDERS:
-    raise ValueError(f'config.model.name={name!r} is not a registered detector; choose one of '
-                     f'{names()}.')
-  return _BUILDERS[name](config, num_classes)
+  return _REGISTRY.get(config.model.name).build(config, num_classes)

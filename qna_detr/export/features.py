@@ -30,6 +30,7 @@ from qna_detr.backbones import base
 from qna_detr.backbones import weights
 from qna_detr.data import batching
 from qna_detr.data.pipeline import DetectionDataset
+from qna_detr.utils import files
 
 logger = logging.getLogger(__name__)
 
@@ -86,15 +87,6 @@ def _read_index(path: str) -> list[dict]:
   return entries
 
 
-def _write_atomic(path: str, write: Callable[[Any], None], mode: str = 'w') -> None:
-  """Writes to a temporary file, then renames it: `path` is never seen half-written."""
-  with open(path + '.tmp', mode) as f:
-    write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(path + '.tmp', path)
-
-
 class ShardWriter:
   """Collects images' feature maps into shards of an export directory (see the module doc).
 
@@ -117,17 +109,14 @@ class ShardWriter:
     return self._info['complete']
 
   def _open(self, settings: dict[str, Any]) -> dict[str, Any]:
-    settings = json.loads(json.dumps(settings))  # Tuples as lists, as they read back.
+    settings = files.as_json(settings)  # Tuples as lists, as they read back.
     path = os.path.join(self._output, INFO)
     if os.path.exists(path):
       with open(path) as f:
         info = json.load(f)
-      differ = sorted(k for k in settings.keys() | info['settings'].keys()
-                      if settings.get(k) != info['settings'].get(k))
-      if differ:
-        raise ValueError(f'{self._output} holds an export with other settings ({", ".join(differ)}'
-                         '); rerun with the same arguments to resume it, or choose another '
-                         'output directory')
+      files.check_settings(info['settings'], settings, f'The export in {self._output}',
+                           'rerun with the same arguments to resume it, or choose another '
+                           'output directory')
       return info
     if os.path.isdir(self._output) and os.listdir(self._output):
       raise ValueError(f'{self._output} is not empty and holds no {INFO}: choose another '
@@ -136,7 +125,8 @@ class ShardWriter:
     return {'settings': settings, 'complete': False}  # Saved with the first shard.
 
   def _save_info(self, info: dict[str, Any]) -> None:
-    _write_atomic(os.path.join(self._output, INFO), lambda f: json.dump(info, f, indent=1))
+    files.write_atomic(os.path.join(self._output, INFO),
+                       lambda f: json.dump(info, f, indent=1), sync=True)
 
   def _complete_entries(self) -> list[dict]:
     """The index entries of complete shards; later shards and lines are removed."""
@@ -146,7 +136,8 @@ class ShardWriter:
       return entries
     entries = entries[:len(entries) // self._shard_size * self._shard_size]
     if os.path.exists(index):
-      _write_atomic(index, lambda f: f.writelines(json.dumps(e) + '\n' for e in entries))
+      files.write_atomic(index, lambda f: f.writelines(json.dumps(e) + '\n' for e in entries),
+                         sync=True)
     shards = {e['shard'] for e in entries}
     for name in os.listdir(self._output):
       if name.startswith('shard-') and name not in shards:
@@ -179,7 +170,8 @@ class ShardWriter:
       arrays[f'{key}_hw'] = hw
       for entry, offset, (h, w) in zip(entries, offsets, hw):
         entry[key] = {'offset': int(offset), 'h': int(h), 'w': int(w)}
-    _write_atomic(os.path.join(self._output, name), lambda f: np.savez(f, **arrays), 'wb')
+    files.write_atomic(os.path.join(self._output, name), lambda f: np.savez(f, **arrays),
+                       'wb', sync=True)
     with open(os.path.join(self._output, INDEX), 'a') as f:
       f.write(''.join(json.dumps(e) + '\n' for e in entries))
       f.flush()

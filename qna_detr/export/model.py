@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 
 from qna_detr import detectors
+from qna_detr import workdir as run_files
 from qna_detr.data import transforms
-from qna_detr.inference import Detector
 
 INFO = 'model.json'
 
@@ -61,18 +61,18 @@ def export_shape(serve: Callable, shape: Sequence[int], platforms: Sequence[str]
   return jax.export.export(jax.jit(serve), platforms=platforms)(*args)
 
 
-def export(detector: Detector, output: str, *, shapes: Sequence[Sequence[int]] = (),
+def export(run: run_files.TrainedRun, output: str, *, shapes: Sequence[Sequence[int]] = (),
            dtype: str = 'float32', platforms: Sequence[str] | None = None,
            source: dict[str, Any] | None = None) -> dict[str, Any]:
-  """Writes one program per shape (default: the detector's evaluation bucket shapes) and
+  """Writes one program per shape (default: the run's evaluation bucket shapes) and
   model.json to `output`; returns model.json's content."""
-  config = detector.config.copy_and_resolve_references()
+  config = run.config.copy_and_resolve_references()
   config.model.dtype = dtype
-  definition = detectors.build(config, len(detector.class_names))
-  serve = serving_fn(definition, detector.params, config.eval_top_k)
+  definition = detectors.build(config, len(run.class_names))
+  serve = serving_fn(definition, jax.device_put(run.params), config.eval_top_k)
   os.makedirs(output, exist_ok=True)
   programs = []
-  for height, width in (shapes or detector.bucket_shapes):
+  for height, width in (shapes or run.eval_bucket_shapes):
     exported = export_shape(serve, (height, width), platforms)
     name = f'detector_{height}x{width}.jax'
     with open(os.path.join(output, name), 'wb') as f:
@@ -93,8 +93,8 @@ def export(detector: Detector, output: str, *, shapes: Sequence[Sequence[int]] =
                     'left of the smallest program shape that holds it',
           'shorter_side': dataset.eval_scale, 'max_size': dataset.eval_max_size,
           'mean': list(transforms.IMAGENET_MEAN), 'std': list(transforms.IMAGENET_STD)},
-      'class_names': detector.class_names,
-      'category_ids': [int(c) for c in detector.category_ids],
+      'class_names': list(run.class_names),
+      'category_ids': [int(c) for c in run.category_ids],
       'source': source or {},
   }
   with open(os.path.join(output, INFO), 'w') as f:

@@ -15,11 +15,12 @@ from typing import Any, Optional
 import jax
 import tensorflow as tf
 
+from qna_detr import workdir as run_files
 from qna_detr.utils import checkpoint_io
 
 logger = logging.getLogger(__name__)
 
-SUBDIR = 'checkpoints'
+SUBDIR = run_files.CHECKPOINTS
 
 
 class Checkpointer:
@@ -71,33 +72,3 @@ class Checkpointer:
 
   def close(self) -> None:
     self._states.close()
-
-
-def find(workdir: str, checkpoint: Optional[str] = None) -> Optional[str]:
-  """The step directory `--checkpoint` names (checked), or None for the workdir's newest
-  intact one (`load_state`)."""
-  if not checkpoint:
-    if not os.path.isdir(os.path.join(workdir, SUBDIR)):
-      raise FileNotFoundError(f'No checkpoint in {os.path.join(workdir, SUBDIR)} (train first, '
-                              'or pass --checkpoint).')
-    return None
-  step_name = os.path.basename(os.path.normpath(checkpoint))
-  if not os.path.isdir(checkpoint) or not step_name.isdigit():
-    raise FileNotFoundError(f'--checkpoint={checkpoint} is not a checkpoint step directory '
-                            f'(WORKDIR/{SUBDIR}/<step>).')
-  return os.path.abspath(checkpoint)
-
-
-def load_state(workdir: str, checkpoint: Optional[str], abstract_state: Any) -> tuple[str, Any]:
-  """(step directory, train state): the one `checkpoint` names, else the workdir's newest
-  intact one (broken newer ones named in a warning)."""
-  step_dir = find(workdir, checkpoint)
-  directory = os.path.dirname(step_dir) if step_dir else os.path.join(workdir, SUBDIR)
-  states = checkpoint_io.CheckpointDir(directory)
-  try:
-    if step_dir:
-      return step_dir, states.restore(int(os.path.basename(step_dir)), abstract_state)
-    step, state = states.restore_newest_intact(abstract_state, logger.warning)
-    return states.step_dir(step), state
-  finally:
-    states.close()

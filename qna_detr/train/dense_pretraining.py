@@ -26,13 +26,16 @@ import ml_collections
 import optax
 
 from qna_detr import parallel
+from qna_detr import workdir as run_files
 from qna_detr.backbones import base
 from qna_detr.backbones import registry as backbones
 from qna_detr.data import batching
+from qna_detr.detectors.base import init_params
 from qna_detr.train import checkpoints
-from qna_detr.train import loop
+from qna_detr.train import step_loop
 from qna_detr.train import train_step
-from qna_detr.train import workdir as run_files
+from qna_detr.train import trainer
+from qna_detr.utils import files
 
 logger = logging.getLogger(__name__)
 
@@ -155,6 +158,10 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f'config.backbone_pretraining.{key}={cfg[key]} must be >= 0.')
   if cfg.upsample < 1:
     raise ValueError(f'config.backbone_pretraining.upsample={cfg.upsample} must be >= 1.')
+  levels = len(base.pyramid_levels(backbones.build(config.model)))
+  if not -levels <= cfg.feature_level < levels:
+    raise ValueError(f'config.backbone_pretraining.feature_level={cfg.feature_level} is not '
+                     f'one of the backbone\'s {levels} levels.')
   if cfg.edge_weight < 0:
     raise ValueError(f'config.backbone_pretraining.edge_weight={cfg.edge_weight} must be >= 0 '
                      '(0: class maps only).')
@@ -164,13 +171,13 @@ def phase_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), SUBDIR)
 
 
-def _settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+def _settings(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """What the phase's result depends on: a finished phase is reused only if these match."""
-  return json.loads(json.dumps({
+  return files.as_json({
       'backbone_pretraining': config.backbone_pretraining.to_dict(),
-      'model': {k: config.model[k] for k in ('backbone', 'dtype', 'feature_level')},
-      'dataset': config.dataset.to_dict(), 'batch_size': config.batch_size,
-      'rng_seed': config.rng_seed}))
+      'model': {k: config.model[k] for k in ('backbone', 'dtype')},
+      'dataset': run_files.portable({'dataset': config.dataset.to_dict()}, workdir)['dataset'],
+      'batch_size': config.batch_size, 'rng_seed': config.rng_seed})
 
 
 def _check_settings(directory: str, settings: dict[str, Any]) -> None:
@@ -178,76 +185,64 @@ def _check_settings(directory: str, settings: dict[str, Any]) -> None:
   path = os.path.join(directory, 'settings.json')
   if os.path.exists(path):
     with open(path) as f:
-      made = json.load(f)
-    differ = run_files.differing_keys(made, settings)
-    if differ:
-      raise ValueError(f'{directory} holds a backbone pretraining made with other settings '
-                       f'(config.{", config.".join(differ[:6])}): delete it to pretrain anew, '
-                       'or use another workdir')
+      files.check_settings(json.load(f), settings, f'The backbone pretraining in {directory}',
+                           'delete it to pretrain anew, or use another workdir',
+                           prefix='config.')
     return
   os.makedirs(directory, exist_ok=True)
   if jax.process_index() == 0:
-    with open(path, 'w') as f:
-      json.dump(settings, f, indent=1)
+    files.write_json(path, settings)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str,
         writer: metric_writers.MetricWriter) -> str:
   """Runs (or resumes, or reuses) the phase; returns the step directory of its result.
 
-  Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, upsample,
-  edge_weight), config.model (backbone and its keys, dtype, feature_level), the training
-  split of config.dataset, config.batch_size, rng_seed, log_every_steps,
-  checkpoint_every_steps.
+  Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, feature_level,
+  upsample, edge_weight), config.model (backbone and its keys, dtype), the training split of
+  config.dataset, config.batch_size, rng_seed, log_every_steps, checkpoint_every_steps.
   """
   cfg = config.backbone_pretraining
   directory = phase_dir(workdir)
-  _check_settings(directory, _settings(config))
+  _check_settings(directory, _settings(config, workdir))
   checkpointer = checkpoints.Checkpointer(directory, keep=2)
   result = os.path.join(checkpointer.directory, str(cfg.steps))
   if checkpointer.latest_step() == cfg.steps:
     checkpointer.close()
     logger.info('Backbone pretraining: reusing %s', result)
     return result
-  train_ds, _ = loop.build_datasets(config)
+  train_ds, _ = trainer.build_datasets(config)
   backbone = backbones.build(config.model)
-  stride = list(base.pyramid_levels(backbone))[config.model.feature_level]
-  model = DenseHeads(backbone, train_ds.num_classes, cfg.upsample, config.model.feature_level)
+  stride = list(base.pyramid_levels(backbone))[cfg.feature_level]
+  model = DenseHeads(backbone, train_ds.num_classes, cfg.upsample, cfg.feature_level)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
   tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   mesh = parallel.data_mesh()
-  replicated = parallel.replicated(mesh)
   state = jax.jit(lambda key: train_step.create_state(
-      lambda k: _init(model, k, train_ds.bucket_shapes[0]), tx, key),
-                  out_shardings=replicated)(jax.random.fold_in(
-                      jax.random.PRNGKey(config.rng_seed), 1))
+      lambda k: init_params(model, k, train_ds.bucket_shapes[0]), tx, key),
+                  out_shardings=parallel.replicated(mesh))(
+                      jax.random.fold_in(jax.random.PRNGKey(config.rng_seed), 1))
   iterator = iter(train_ds.tf_dataset)
   if checkpointer.latest_step() is not None:
     state = checkpointer.restore(state, iterator)
     logger.info('Backbone pretraining: resumed from step %d', int(state.step))
-  step = train_step.make_train_step(
-      model, make_loss(train_ds.num_classes, stride / cfg.upsample, cfg.edge_weight), tx,
-      {'all': schedule})
-  step_fn = jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
-                    out_shardings=(replicated, replicated), donate_argnums=0)
+  step_fn = train_step.jit_sharded(train_step.make_train_step(
+      train_step.module_forward(model),
+      make_loss(train_ds.num_classes, stride / cfg.upsample, cfg.edge_weight), tx,
+      {'all': schedule}), mesh)
   logger.info('Backbone pretraining: %d steps of dense class maps and box edges (weight %g) '
-               'at stride %g (%s, feature stride %d)', cfg.steps, cfg.edge_weight,
-               stride / cfg.upsample, config.model.backbone, stride)
+              'at stride %g (%s, feature stride %d)', cfg.steps, cfg.edge_weight,
+              stride / cfg.upsample, config.model.backbone, stride)
   sharding = parallel.batch_sharding(mesh)
-  steps_loop = loop.StepLoop(total_steps=cfg.steps, batch_size=config.batch_size,
-                             log_every=config.log_every_steps,
-                             checkpoint_every=config.checkpoint_every_steps,
-                             checkpointer=checkpointer, writer=writer, name=SUBDIR)
+  steps_loop = step_loop.StepLoop(total_steps=cfg.steps, batch_size=config.batch_size,
+                                  log_every=config.log_every_steps,
+                                  checkpoint_every=config.checkpoint_every_steps,
+                                  checkpointer=checkpointer, writer=writer, name=SUBDIR)
   try:
-    loop.run_steps(step_fn, state,
-                   lambda: batching.next_global_batch(iterator, sharding, BATCH_KEYS), iterator,
-                   steps_loop, mesh)
+    step_loop.run_steps(step_fn, state,
+                        lambda: batching.next_global_batch(iterator, sharding, BATCH_KEYS),
+                        iterator, steps_loop, mesh)
   finally:
     checkpointer.close()
   logger.info('Backbone pretraining: saved %s', result)
   return result
-
-
-def _init(model: DenseHeads, key: Array, image_shape: tuple[int, int]) -> Any:
-  images = jnp.zeros((1, *image_shape, 3), jnp.float32)
-  return model.init(key, images, jnp.zeros(images.shape[:3], bool), train=False)['params']

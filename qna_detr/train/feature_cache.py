@@ -30,15 +30,21 @@ from qna_detr.detectors import DetectorDef
 
 logger = logging.getLogger(__name__)
 
+
 @dataclasses.dataclass(frozen=True)
 class FeatureCache:
-  """Feature maps with their masks and targets, one entry per (image, flip)."""
-  features: np.ndarray  # [N, h, w, C] float32
-  padding_mask: np.ndarray  # [N, h, w] bool
+  """The feature maps a detector reads, with their masks and targets, one entry per (image,
+  flip); a batch's 'inputs' and 'padding_mask' are tuples, one map per level."""
+  features: tuple[np.ndarray, ...]  # Per level [N, h, w, C] float32.
+  padding_mask: tuple[np.ndarray, ...]  # Per level [N, h, w] bool.
   targets: dict[str, np.ndarray]  # The detector's target keys, each [N, ...].
 
   def __len__(self) -> int:
-    return len(self.features)
+    return len(self.features[0])
+
+  @property
+  def nbytes(self) -> int:
+    return sum(f.nbytes for f in self.features)
 
   def batch(self, step: int, batch_size: int, seed: int) -> dict[str, np.ndarray]:
     """The batch of 1-based `step`: epochs of `len(self) // batch_size` batches, each epoch a
@@ -50,7 +56,8 @@ class FeatureCache:
                        f'{batch_size}')
     epoch, index = divmod(step - 1, per_epoch)
     rows = _epoch_order(len(self), seed, epoch)[index * batch_size:(index + 1) * batch_size]
-    return {'inputs': self.features[rows], 'padding_mask': self.padding_mask[rows],
+    return {'inputs': tuple(f[rows] for f in self.features),
+            'padding_mask': tuple(m[rows] for m in self.padding_mask),
             **{k: v[rows] for k, v in self.targets.items()}}
 
 
@@ -87,23 +94,28 @@ def build(detector: DetectorDef, backbone_params, dataset: DetectionDataset) -> 
   mesh = parallel.data_mesh(jax.local_devices())
   sharding = parallel.batch_sharding(mesh)
   forward = jax.jit(detector.backbone_features, out_shardings=parallel.replicated(mesh))
-  parts = {k: [] for k in ('features', 'padding_mask', *detector.target_keys)}
+  levels = len(detector.feature_levels)
+  features, masks = [[] for _ in range(levels)], [[] for _ in range(levels)]
+  targets = {k: [] for k in detector.target_keys}
   start = time.time()
   for batch in dataset.iterator():
     keep = batch['valid']
     for view in (batch, flip_batch(batch)):
       arrays = batching.to_global_arrays(
           {k: view[k] for k in ('inputs', 'padding_mask')}, sharding)
-      feature_map = jax.device_get(forward(backbone_params, arrays['inputs'],
-                                           arrays['padding_mask']))
-      parts['features'].append(np.asarray(feature_map.features, np.float32)[keep])
-      parts['padding_mask'].append(np.asarray(feature_map.mask)[keep])
+      pyramid = jax.device_get(forward(backbone_params, arrays['inputs'],
+                                       arrays['padding_mask']))
+      for level, feature_map in enumerate(pyramid):
+        features[level].append(np.asarray(feature_map.features, np.float32)[keep])
+        masks[level].append(np.asarray(feature_map.mask)[keep])
       for key in detector.target_keys:
-        parts[key].append(view[key][keep])
-  arrays = {k: np.concatenate(v) for k, v in parts.items()}
-  cache = FeatureCache(arrays.pop('features'), arrays.pop('padding_mask'), arrays)
+        targets[key].append(view[key][keep])
+  cache = FeatureCache(tuple(np.concatenate(f) for f in features),
+                       tuple(np.concatenate(m) for m in masks),
+                       {k: np.concatenate(v) for k, v in targets.items()})
   logger.info('Feature cache: %d entries of %s, %.0f MB, built in %.0fs', len(cache),
-               cache.features.shape[1:], cache.features.nbytes / 2**20, time.time() - start)
+              ', '.join(str(f.shape[1:]) for f in cache.features), cache.nbytes / 2**20,
+              time.time() - start)
   return cache
 
 

@@ -75,5 +75,5 @@ SOURCES = {'images': ImageInput, 'cached_features': CachedFeatureInput}
 
 def build(config: ml_collections.ConfigDict, detector: DetectorDef,
           dataset: DetectionDataset) -> TrainInput:
-  """The source `config.train_input` names (checked by `loop.check_config`)."""
+  """The source `config.train_input` names (checked by `config_checks.check_config`)."""
   return SOURCES[config.train_input](config, detector, dataset)

@@ -1,6 +1,9 @@
 """AdamW with separate backbone and head learning rates, and DETR's step schedule.
 
-The alternative schedule (config.optimizer.schedule='cosine') decays to zero over the run.
+The step schedule multiplies both rates by `decay_factor` after each epoch of `decay_epochs`;
+left at None, after `decay_fraction` of the run, whatever its length (DETR's 75-epoch recipe:
+after 2/3, epoch 50), so that `--config.num_epochs` moves the decay with it. The alternative
+schedule (config.optimizer.schedule='cosine') decays to zero over the run.
 
 Parameters are split by their top-level key: everything under 'backbone' is the backbone group
 (pretrained features, trained 10x slower), the rest is the head. Frozen parameters (the whole
@@ -29,15 +32,33 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
   return math.ceil(num_examples / global_batch_size)
 
 
-def step_schedule(base_lr: float, epoch_steps: int, decay_epochs: Sequence[int],
-                  decay_factor: float, warmup_steps: int = 0) -> Schedule:
-  """base_lr, multiplied by decay_factor after each epoch in decay_epochs.
+def decay_steps(config: ml_collections.ConfigDict, epoch_steps: int,
+                total_steps: int) -> list[int]:
+  """The steps after which the step schedule decays: `decay_epochs` (epochs), or where None
+  after `decay_fraction` of `total_steps`; a decay outside the run is refused naming both
+  keys."""
+  opt = config.optimizer
+  if opt.decay_epochs is None:
+    return [int(round(opt.decay_fraction * total_steps))]
+  steps = [int(e * epoch_steps) for e in opt.decay_epochs]
+  outside = [e for e, s in zip(opt.decay_epochs, steps) if not 0 < s < total_steps]
+  if outside:
+    raise ValueError(f'config.optimizer.decay_epochs={tuple(opt.decay_epochs)}: epoch(s) '
+                     f'{outside} lie outside the run of {total_steps} steps '
+                     f'({total_steps / epoch_steps:.4g} epochs, config.num_epochs / '
+                     'config.num_train_steps); None decays after '
+                     'config.optimizer.decay_fraction of the run.')
+  return steps
+
+
+def step_schedule(base_lr: float, boundaries: Sequence[int], decay_factor: float,
+                  warmup_steps: int = 0) -> Schedule:
+  """base_lr, multiplied by decay_factor after each step in `boundaries`.
 
   An optional linear warmup ramps it from 0 over the first warmup_steps; the decay boundaries
-  stay at their absolute epochs.
+  stay where they are.
   """
-  boundaries = {int(e * epoch_steps): decay_factor for e in decay_epochs}
-  steps = optax.piecewise_constant_schedule(base_lr, boundaries)
+  steps = optax.piecewise_constant_schedule(base_lr, {int(b): decay_factor for b in boundaries})
   if warmup_steps <= 0:
     return steps
   return lambda step: steps(step) * jnp.minimum(1.0, step / warmup_steps)
@@ -77,7 +98,7 @@ def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_s
   """The optimizer and the learning-rate schedule of each group (for logging).
 
   Reads config.optimizer: lr, backbone_lr, weight_decay, grad_clip_norm, schedule ('step':
-  decay_epochs and decay_factor; 'cosine'), warmup_steps, freeze_backbone. `mask` is the
+  decay_epochs or decay_fraction, decay_factor; 'cosine'), warmup_steps, freeze_backbone. `mask` is the
   `frozen_mask` of the parameters (None: nothing frozen but what freeze_backbone says, which
   then must be applied through the labels alone).
   """
@@ -86,10 +107,12 @@ def build_optimizer(config: ml_collections.ConfigDict, epoch_steps: int, total_s
     raise ValueError(f'config.optimizer.schedule must be one of {SCHEDULES}, got '
                      f'{opt.schedule!r}')
 
+  boundaries = decay_steps(config, epoch_steps, total_steps) if opt.schedule == 'step' else []
+
   def schedule(lr):
     if opt.schedule == 'cosine':  # The same linear warmup (none at 0), then down to zero.
       return optax.warmup_cosine_decay_schedule(0.0, lr, opt.warmup_steps, total_steps)
-    return step_schedule(lr, epoch_steps, opt.decay_epochs, opt.decay_factor, opt.warmup_steps)
+    return step_schedule(lr, boundaries, opt.decay_factor, opt.warmup_steps)
 
   schedules = {group: schedule(lr) for group, lr in ((HEAD, opt.lr), (BACKBONE, opt.backbone_lr))}
   if opt.freeze_backbone:

@@ -4,7 +4,7 @@
    as a COCO folder like any other.
 2. The backbone's dense pretraining, where `config.backbone_pretraining.steps > 0`
    (`dense_pretraining.run`): its result becomes `config.pretrained.path`.
-3. The detector's training and evaluation (`loop.train_and_evaluate`), resumed from the
+3. The detector's training and evaluation (`trainer.train_and_evaluate`), resumed from the
    workdir's checkpoint if it holds one (the earlier phases are then not needed again).
 """
 import os
@@ -14,10 +14,11 @@ from clu import metric_writers
 import jax
 import ml_collections
 
+from qna_detr import workdir as run_files
 from qna_detr.data import toy
+from qna_detr.train import config_checks
 from qna_detr.train import dense_pretraining
-from qna_detr.train import loop
-from qna_detr.train import workdir as run_files
+from qna_detr.train import trainer
 
 
 def _check_workdir(workdir: str) -> None:
@@ -34,35 +35,24 @@ def _check_workdir(workdir: str) -> None:
 
 def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
   """The config checked, with the toy set's paths filled in where it uses one."""
-  config = loop.check_config(config)
+  config = config_checks.check_config(config)
   dense_pretraining.check_config(config)
   _check_workdir(workdir)
   if (config.optimizer.freeze_backbone and not config.pretrained.path
-      and config.backbone_pretraining.steps == 0 and not loop.has_checkpoint(workdir)):
+      and config.backbone_pretraining.steps == 0 and not run_files.has_checkpoint(workdir)):
     raise ValueError('config.optimizer.freeze_backbone=True, but neither '
                      'config.pretrained.path nor config.backbone_pretraining.steps gives the '
                      'backbone weights: it would stay at its random initialization.')
   return toy.prepare(config, workdir)
 
 
-def config_of_run(workdir: str,
-                  given: ml_collections.ConfigDict | None = None) -> ml_collections.ConfigDict:
-  """The config of the run in `workdir` (WORKDIR/config.json), for the tools. A `given`
-  config must equal it; it is used alone where the workdir has no config.json."""
-  if given is not None:
-    given = prepare(given, workdir)
-    if not run_files.has_config(workdir):
-      return given
-  return run_files.load(workdir, given)[0]
-
-
 def run(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
         writer: metric_writers.MetricWriter) -> dict[str, float]:
   """Runs the phases; returns the final COCO metrics. WORKDIR/config.json records the
-  config (`train.workdir`)."""
+  config (`qna_detr.workdir`)."""
   config = prepare(config, workdir)
   run_files.save_config(workdir, config)
   writer.write_texts(0, {'config': f'```\n{config}\n```'})
-  if config.backbone_pretraining.steps > 0 and not loop.has_checkpoint(workdir):
+  if config.backbone_pretraining.steps > 0 and not run_files.has_checkpoint(workdir):
     config.pretrained.path = dense_pretraining.run(config, workdir, writer)
-  return loop.train_and_evaluate(rng, config, workdir, writer)
+  return trainer.train_and_evaluate(rng, config, workdir, writer)

@@ -52,10 +52,26 @@ def ema_decay_at(decay: float, step: jax.Array) -> jax.Array:
   return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def make_train_step(module: flax.linen.Module, loss: Loss, tx: optax.GradientTransformation,
+# (params, batch, step key) -> the model's outputs in training mode.
+Forward = Callable[[Any, dict[str, jax.Array], jax.Array], Any]
+
+
+def module_forward(module: flax.linen.Module) -> Forward:
+  """The `Forward` of a module called as `module(images, padding_mask, train=True)`, its
+  dropout drawn from the step key."""
+  def forward(params, batch, rng):
+    return module.apply({'params': params}, batch['inputs'], batch['padding_mask'],
+                        train=True, rngs={'dropout': rng})
+  return forward
+
+
+def make_train_step(forward: Forward, loss: Loss, tx: optax.GradientTransformation,
                     schedules: dict[str, Callable], frozen: Any = None,
                     ema_decay: float = 0.0) -> Callable:
   """(state, batch) -> (state, metrics) over the global batch; jit it with shardings.
+
+  `forward` computes the outputs that `loss` scores, from the step's key (the state's key
+  folded with its step number, so that a resumed run draws what an uninterrupted one does).
 
   `frozen` (a tree of bools like the parameters, or None) marks parameters that are constants
   of the loss: no backward pass runs into them (a frozen backbone costs its forward pass
@@ -68,9 +84,7 @@ def make_train_step(module: flax.linen.Module, loss: Loss, tx: optax.GradientTra
     def loss_fn(params):
       if frozen is not None:
         params = jax.tree.map(lambda p, f: jax.lax.stop_gradient(p) if f else p, params, frozen)
-      outputs = module.apply({'params': params}, batch['inputs'], batch['padding_mask'],
-                             train=True, rngs={'dropout': rng})
-      return loss(outputs, batch)
+      return loss(forward(params, batch, rng), batch)
 
     (value, components), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -97,23 +111,29 @@ def initial_state(config: ml_collections.ConfigDict, detector: DetectorDef, tx, 
 
 def frozen_mask(config: ml_collections.ConfigDict, detector: DetectorDef) -> Any:
   """Which parameters stay fixed: the frozen backbone and what the detector keeps fixed."""
-  params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
-  return optimizer.frozen_mask(params, config, detector.frozen)
+  return optimizer.frozen_mask(detector.abstract_params(), config, detector.frozen)
 
 
 def abstract_state(config: ml_collections.ConfigDict, detector: DetectorDef) -> TrainState:
   """The train state's shapes and dtypes, computed without running: what a checkpoint of
   this config restores into."""
-  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=1,
+  # The schedule's numbers do not change the state's structure; any run length will do.
+  tx, _ = optimizer.build_optimizer(config, epoch_steps=1, total_steps=2**31 - 1,
                                     mask=frozen_mask(config, detector))
   return jax.eval_shape(lambda key: initial_state(config, detector, tx, key, (64, 64)),
                         jax.random.PRNGKey(0))
 
 
-def jit_step(config: ml_collections.ConfigDict, detector: DetectorDef, tx, schedules,
-             mask: Any, mesh: jax.sharding.Mesh):
-  """The train step, jitted for a replicated state and a batch split over `mesh`."""
+def jit_sharded(step: Callable, mesh: jax.sharding.Mesh) -> Callable:
+  """A (state, batch) -> (state, metrics) step jitted for a replicated state and a batch split
+  over `mesh`, the state donated."""
   replicated = parallel.replicated(mesh)
-  step = make_train_step(detector.module, detector.loss, tx, schedules, mask, config.ema_decay)
   return jax.jit(step, in_shardings=(replicated, parallel.batch_sharding(mesh)),
                  out_shardings=(replicated, replicated), donate_argnums=0)
+
+
+def jit_step(config: ml_collections.ConfigDict, detector: DetectorDef, tx, schedules,
+             mask: Any, mesh: jax.sharding.Mesh):
+  """The detector's train step, jitted for a replicated state and a batch split over `mesh`."""
+  return jit_sharded(make_train_step(detector.train_outputs, detector.loss, tx, schedules, mask,
+                                     config.ema_decay), mesh)

@@ -21,7 +21,10 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from qna_detr.utils import files
+
 CHECKSUMS = 'checksums.json'
+_ITEM = 'default'  # The item directory orbax's manager writes inside a step.
 Tree = Any
 
 
@@ -127,10 +130,8 @@ class CheckpointDir:
     self._manager.save(step, args=ocp.args.StandardSave(tree))
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
-      path = os.path.join(self.step_dir(step), CHECKSUMS)
-      with open(path + '.tmp', 'w') as f:
-        json.dump(checksums(host), f)
-      os.replace(path + '.tmp', path)
+      files.write_atomic(os.path.join(self.step_dir(step), CHECKSUMS),
+                         lambda f: json.dump(checksums(host), f))
 
   def restore(self, step: int, abstract: Tree) -> Tree:
     """The checked tree of `step`, shaped and placed like `abstract` (arrays or
@@ -146,6 +147,23 @@ class CheckpointDir:
     _verify(step_dir, jax.device_get(tree), expected)
     return tree
 
+  def restore_part(self, step: int, abstract: dict[str, Tree]) -> dict[str, Tree]:
+    """The checked subtrees of `step` that `abstract` names by their top-level keys (e.g.
+    {'params': ...} of a stored train state), as host arrays; nothing else is read."""
+    step_dir = self.step_dir(step)
+    expected = _read_checksums(step_dir)
+    _check_shapes(step_dir, self._manager.item_metadata(step), abstract, part=True)
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), abstract)
+    try:
+      tree = ocp.PyTreeCheckpointer().restore(
+          os.path.join(step_dir, _ITEM), args=ocp.args.PyTreeRestore(
+              item=abstract, restore_args=restore_args, partial_restore=True))
+    except Exception as e:  # pylint: disable=broad-except  (TensorStore raises plain Exception)
+      raise CorruptCheckpoint(f'{step_dir}: an array file is missing, truncated, corrupt or '
+                              f'unreadable ({_first_line(e)})') from e
+    _verify(step_dir, tree, expected)
+    return tree
+
   def read(self, step: int) -> Tree:
     """The stored tree of `step` as host arrays, as stored (no target), checked."""
     step_dir = self.step_dir(step)
@@ -158,18 +176,18 @@ class CheckpointDir:
     _verify(step_dir, host, expected)
     return host
 
-  def restore_newest_intact(self, abstract: Tree, log: Callable[[str], None]
-                            ) -> tuple[int, Tree]:
-    """(step, tree) of the newest step that restores; each broken newer step is named in a
-    warning through `log`. Raises the last error when no step is intact, or at once on a
-    checkpoint of another model."""
+  def restore_newest_intact(self, abstract: Tree, log: Callable[[str], None],
+                            part: bool = False) -> tuple[int, Tree]:
+    """(step, tree) of the newest step that restores (`restore`, or `restore_part` with
+    `part`); each broken newer step is named in a warning through `log`. Raises the last
+    error when no step is intact, or at once on a checkpoint of another model."""
     steps = self.complete_steps()
     if not steps:
       raise FileNotFoundError(f'No complete checkpoint in {self.directory}')
     errors = []
     for step in reversed(steps):
       try:
-        tree = self.restore(step, abstract)
+        tree = (self.restore_part if part else self.restore)(step, abstract)
       except CorruptCheckpoint as e:
         errors.append(str(e))
         log(f'Skipping a broken checkpoint: {e}')
@@ -200,13 +218,16 @@ def _read_checksums(step_dir: str) -> dict[str, int]:
     raise CorruptCheckpoint(f'{path} is unreadable ({_first_line(e)})') from e
 
 
-def _check_shapes(step_dir: str, metadata: Any, abstract: Tree) -> None:
-  """Stored names and shapes against the model's, before any array is read."""
+def _check_shapes(step_dir: str, metadata: Any, abstract: Tree, part: bool = False) -> None:
+  """Stored names and shapes against the model's, before any array is read; with `part`,
+  only the stored leaves under the top-level keys of `abstract` count."""
   if metadata is None:
     raise CorruptCheckpoint(f'{step_dir}: its metadata file (default/_METADATA) is missing')
   stored = {name: tuple(m.shape) for name, m in named_leaves(metadata).items()
             if hasattr(m, 'shape')}
   wanted = {name: tuple(a.shape) for name, a in named_leaves(abstract).items()}
+  if part:
+    stored = {n: s for n, s in stored.items() if n.split('/')[0] in abstract}
   missing = sorted(set(wanted) - set(stored))
   extra = sorted(set(stored) - set(wanted))
   shapes = [f'{n}: stored {stored[n]}, model {wanted[n]}' for n in wanted

@@ -66,11 +66,6 @@ def enable_compilation_cache(path: str = DEFAULT_CACHE_DIR) -> None:
     jax.config.update('jax_compilation_cache_dir', path)
 
 
-def quiet_native_logs() -> None:
-  """TensorFlow's C++ INFO lines off; call before TensorFlow is imported."""
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
-
-
 class _Console(logging.Formatter):
   """'HH:MM:SS message', warnings and errors marked as such."""
 

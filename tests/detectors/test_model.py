@@ -232,6 +232,6 @@ def test_only_position_at_input_tells_the_head_where_content_is(position_at_inpu
 def test_feature_level_picks_the_backbone_map(level, channels):
   model = DETR(ContentFreeBackbone(), num_classes=3, num_queries=5, hidden_dim=16, num_heads=2,
                num_encoder_layers=1, num_decoder_layers=1, dim_feedforward=32,
-               feature_level=level)
+               feature_levels=(level,))
   variables = init(model, jnp.zeros((1, 16, 16, 3)), jnp.zeros((1, 16, 16), bool))
   assert variables['params']['input_proj']['kernel'].shape == (channels, 16)

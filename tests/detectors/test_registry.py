@@ -26,11 +26,12 @@ class CellDetector(nn.Module):
   """One prediction per feature-map cell: class logits and a box from linear heads."""
   backbone: nn.Module
   num_classes: int
-  feature_level: int = -1
+  feature_levels: tuple[int, ...] = (-1,)
 
   @nn.compact
   def __call__(self, images, padding_mask, *, train):
-    level = self.backbone(images, padding_mask, train=train)[self.feature_level]
+    level, = detectors.select_levels(self.backbone(images, padding_mask, train=train),
+                                     self.feature_levels)
     tokens = level.features.reshape(level.features.shape[0], -1, level.features.shape[-1])
     logits = nn.Dense(self.num_classes + 1, name='classes')(tokens).astype(jnp.float32)
     boxes = jax.nn.sigmoid(nn.Dense(4, name='boxes')(tokens).astype(jnp.float32))

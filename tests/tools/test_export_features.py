@@ -199,7 +199,7 @@ def test_interrupted_export_resumes_after_its_last_complete_shard(run, tmp_path,
       np.testing.assert_array_equal(maps[image_id][s], value)
   assert not [n for n in os.listdir(out) if n.endswith('.tmp')]
   assert _export_in_process(run, out) == 0  # Complete: nothing more to do.
-  with pytest.raises(ValueError, match=r'other settings \(dtype\)'):
+  with pytest.raises(ValueError, match=r'other settings: dtype="float32" \(now "float16"\)'):
     _export_in_process(run, out, dtype='float16')
 
 

@@ -1,6 +1,7 @@
 """Finding and restoring checkpoints: what is wrong is named, broken steps are skipped."""
 import functools
 import glob
+import logging
 import os
 import shutil
 
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 from qna_detr import detectors
+from qna_detr import workdir as run_files
 from qna_detr.data import toy
 from qna_detr.train import checkpoints
 from qna_detr.train import train_step
@@ -18,14 +20,21 @@ import train_testing
 
 
 @functools.lru_cache(maxsize=4)
-def _abstract_of(hidden_dim):
+def _detector_of(hidden_dim):
   config = train_testing.micro_config('unused')
   config.model.hidden_dim = hidden_dim
-  return train_step.abstract_state(config, detectors.build(config, len(toy.CLASSES)))
+  return detectors.build(config, len(toy.CLASSES))
 
 
 def _abstract(config):
-  return _abstract_of(config.model.hidden_dim)
+  """The train state a resumed run restores."""
+  return train_step.abstract_state(config, _detector_of(config.model.hidden_dim))
+
+
+def _load(workdir, checkpoint, config):
+  """(step dir, parameters) as the tools read them."""
+  return run_files.load_params(str(workdir), checkpoint, _detector_of(config.model.hidden_dim),
+                               config)
 
 
 def _array_files(step_dir):
@@ -52,32 +61,31 @@ def saved(tmp_path, written):
   return config, states
 
 
-def _input_proj(state):
-  return np.asarray(state.params['input_proj']['kernel'])
+def _input_proj(params):
+  return np.asarray(params['input_proj']['kernel'])
 
 
 def test_missing_checkpoints_are_named(tmp_path):
   with pytest.raises(FileNotFoundError, match=f'No checkpoint in {tmp_path}/checkpoints'):
-    checkpoints.load_state(str(tmp_path), None, {})
+    run_files.find_checkpoint(str(tmp_path), None)
   with pytest.raises(FileNotFoundError, match='--checkpoint=/nowhere/5 is not a checkpoint'):
-    checkpoints.load_state(str(tmp_path), '/nowhere/5', {})
+    run_files.find_checkpoint(str(tmp_path), '/nowhere/5')
 
 
 def test_restores_its_own_config_and_refuses_another(tmp_path, saved):
   config, states = saved
-  step_dir, restored = checkpoints.load_state(str(tmp_path), None, _abstract(config))
+  step_dir, restored = _load(tmp_path, None, config)
   assert step_dir == os.path.join(tmp_path, 'checkpoints', '3')
-  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[3]))
-  step_dir, restored = checkpoints.load_state(
-      str(tmp_path), str(tmp_path / 'checkpoints' / '2'), _abstract(config))
-  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2]))
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[3].params))
+  step_dir, restored = _load(tmp_path, str(tmp_path / 'checkpoints' / '2'), config)
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2].params))
 
   other = train_testing.micro_config(str(tmp_path / 'data'))
   other.model.hidden_dim = 48  # Every head parameter changes shape.
   with pytest.raises(checkpoint_io.MismatchedCheckpoint,
                      match=f'checkpoint {tmp_path}/checkpoints/3 does not fit the model of this '
                      r'config.*stored \(32, 32\), model \(48, 48\)'):
-    checkpoints.load_state(str(tmp_path), None, _abstract(other))
+    _load(tmp_path, None, other)
   # Resuming the workdir with the other config (what the training loop does) fails the same way.
   resume = checkpoints.Checkpointer(str(tmp_path), keep=3)
   with pytest.raises(checkpoint_io.MismatchedCheckpoint, match='does not fit the model'):
@@ -118,18 +126,35 @@ def _corrupt(step_dir, how):
 ])
 def test_a_broken_step_is_named_and_the_newest_intact_one_restores(tmp_path, saved, how,
                                                                     message, caplog):
+  """As a resumed run reads the whole state."""
   config, states = saved
   broken = str(tmp_path / 'checkpoints' / '3')
   _corrupt(broken, how)
+  directory = checkpoint_io.CheckpointDir(str(tmp_path / 'checkpoints'))
   # Asked for by name: the error says which step and what is wrong with it.
   with pytest.raises(checkpoint_io.CorruptCheckpoint, match=f'{broken}.*{message}'):
-    checkpoints.load_state(str(tmp_path), broken, _abstract(config))
+    directory.restore(3, _abstract(config))
   # The newest intact step otherwise, with a warning that names the broken one.
-  step_dir, restored = checkpoints.load_state(str(tmp_path), None, _abstract(config))
-  assert step_dir == str(tmp_path / 'checkpoints' / '2')
-  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2]))
+  step, restored = directory.restore_newest_intact(_abstract(config),
+                                                   lambda m: logging.getLogger().warning(m))
+  directory.close()
+  assert step == 2
+  np.testing.assert_array_equal(_input_proj(restored.params), _input_proj(states[2].params))
   if how != 'empty step directory':  # An empty directory is no step at all: nothing to say.
     assert any(broken in r.getMessage() and message in r.getMessage() for r in caplog.records)
+
+
+def test_the_tools_skip_a_step_whose_parameters_are_broken(tmp_path, saved, caplog):
+  """The tools read the parameters alone, checked as the whole state is."""
+  config, states = saved
+  broken = str(tmp_path / 'checkpoints' / '3')
+  _corrupt(broken, 'arrays swapped')
+  with pytest.raises(checkpoint_io.CorruptCheckpoint, match=f'{broken}.*checksum mismatch'):
+    _load(tmp_path, broken, config)
+  step_dir, restored = _load(tmp_path, None, config)
+  assert step_dir == str(tmp_path / 'checkpoints' / '2')
+  np.testing.assert_array_equal(_input_proj(restored), _input_proj(states[2].params))
+  assert any(broken in r.getMessage() for r in caplog.records)
 
 
 def test_non_finite_states_are_never_written_or_restored(tmp_path, saved):

@@ -29,11 +29,11 @@ EIGHT_VERSUS_ONE = textwrap.dedent('''
     import train_testing
     from qna_detr import detectors, parallel
     from qna_detr.data import batching
-    from qna_detr.train import loop, optimizer, phases, train_step
+    from qna_detr.train import optimizer, phases, train_step, trainer
 
     assert jax.device_count() == 8
     config = phases.prepare(train_testing.micro_config(sys.argv[1], batch_size=8), sys.argv[1])
-    train_ds, _ = loop.build_datasets(config)
+    train_ds, _ = trainer.build_datasets(config)
     detector = detectors.build(config, train_ds.num_classes)
     frozen = train_step.frozen_mask(config, detector)
     tx, schedules = optimizer.build_optimizer(config, epoch_steps=10, total_steps=100,

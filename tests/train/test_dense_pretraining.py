@@ -13,7 +13,7 @@ from qna_detr.backbones import registry
 from qna_detr.backbones import weights
 from qna_detr.backbones.base import FeatureMap
 from qna_detr.train import dense_pretraining
-from qna_detr.train import loop
+from qna_detr.train import trainer
 from qna_detr.train import phases
 import train_testing
 
@@ -166,7 +166,7 @@ def test_pretraining_lowers_its_loss_and_the_detector_loads_it(tmp_path):
   path = _pretrain(config, tmp_path)
   assert path == str(tmp_path / 'backbone_pretraining' / 'checkpoints' / '200')
 
-  train_ds, _ = loop.build_datasets(config)
+  train_ds, _ = trainer.build_datasets(config)
   iterator = iter(train_ds.tf_dataset)
   params, _ = weights.read(path)
   losses = [_dense_losses(config, params,

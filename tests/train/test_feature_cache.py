@@ -52,31 +52,34 @@ def test_cache_holds_features_of_every_image_and_its_mirror_image(setup):
       expected['boxes'].append(boxes[keep])
   num_images = images.num_examples
   assert len(cache) == 2 * num_images
-  np.testing.assert_allclose(cache.features, np.concatenate(expected['features']),
+  features, = cache.features  # The micro DETR reads one level.
+  np.testing.assert_allclose(features, np.concatenate(expected['features']),
                              rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(cache.targets['boxes'], np.concatenate(expected['boxes']),
                              atol=1e-7)
   # Mirroring moves the features: the second half is not a copy of the first.
-  assert not np.allclose(cache.features[:4], cache.features[4:8], atol=1e-3)
+  assert not np.allclose(features[:4], features[4:8], atol=1e-3)
 
 
 def test_batches_cover_every_entry_once_an_epoch_in_a_new_order():
   size, batch_size = 10, 3
   ids = np.arange(size, dtype=np.float32)
   cache = feature_cache.FeatureCache(
-      features=ids[:, None, None, None], padding_mask=np.zeros((size, 1, 1), bool),
+      features=(ids[:, None, None, None], -ids[:, None, None, None]),
+      padding_mask=(np.zeros((size, 1, 1), bool),) * 2,
       targets={'boxes': np.zeros((size, 1, 4), np.float32),
                'labels': np.zeros((size, 1), np.int32), 'box_mask': np.ones((size, 1), bool)})
-  epoch = lambda e: [cache.batch(3 * e + s, batch_size, seed=5)['inputs'].ravel()
+  epoch = lambda e: [cache.batch(3 * e + s, batch_size, seed=5)['inputs'][0].ravel()
                      for s in (1, 2, 3)]
   first, second = np.concatenate(epoch(0)), np.concatenate(epoch(1))
   assert len(set(first.tolist())) == 9 and len(set(second.tolist())) == 9  # No repeats.
   assert not np.array_equal(first, second)
   # A batch depends on (seed, step) alone: a resumed run reads what an uninterrupted one did.
-  np.testing.assert_array_equal(cache.batch(5, batch_size, seed=5)['inputs'].ravel(),
-                                second[3:6])
+  fifth = cache.batch(5, batch_size, seed=5)['inputs']
+  np.testing.assert_array_equal(fifth[0].ravel(), second[3:6])
+  np.testing.assert_array_equal(fifth[1].ravel(), -second[3:6])  # Levels stay together.
   resumed = feature_cache.batches(cache, first_step=5, batch_size=batch_size, seed=5)
-  np.testing.assert_array_equal(next(resumed)['inputs'].ravel(), second[3:6])
+  np.testing.assert_array_equal(next(resumed)['inputs'][0].ravel(), second[3:6])
   with pytest.raises(ValueError, match='fewer than the batch'):
     cache.batch(1, 11, seed=0)
 
@@ -94,8 +97,8 @@ def test_a_step_on_cached_features_equals_a_step_on_the_images(setup):
   head = model.on_features()
   results = []
   for step_model, inputs, mask in [(model, batch['inputs'], batch['padding_mask']),
-                                   (head, np.asarray(features.features),
-                                    np.asarray(features.mask))]:
+                                   (head, (np.asarray(features.features),),
+                                    (np.asarray(features.mask),))]:
     step = train_step.jit_step(config, step_model, tx, schedules, frozen, mesh)
     arrays = batching.to_global_arrays({'inputs': inputs, 'padding_mask': mask, **targets},
                                        sharding)

@@ -90,7 +90,8 @@ def test_own_entry_point_then_evaluate(tmp_path):
   other = train_testing.run_script('tools/evaluate.py', [
       f'--config={_config_file(tmp_path)}', f'--workdir={workdir}'])
   assert other.returncode != 0
-  assert 'config.checkpoint_every_steps, config.num_train_steps' in other.stderr
+  assert re.search(r'config.checkpoint_every_steps=1000 \(now \d+\), '
+                   r'config.num_train_steps=3 \(now 4\)', other.stderr), other.stderr
 
 
 # The README's scripts are run with --help by tests/test_readme.py.

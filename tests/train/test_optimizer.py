@@ -5,13 +5,16 @@ import ml_collections
 import numpy as np
 import pytest
 
+from qna_detr import recipes
+from qna_detr.train import config_checks
 from qna_detr.train import optimizer
 
 
 def _config(**overrides):
   cfg = ml_collections.ConfigDict(dict(
       lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1, schedule='step',
-      decay_epochs=[50], decay_factor=0.1, warmup_steps=0, freeze_backbone=False))
+      decay_epochs=None, decay_fraction=2 / 3, decay_factor=0.1, warmup_steps=0,
+      freeze_backbone=False))
   cfg.update(overrides)
   return ml_collections.ConfigDict({'optimizer': cfg})
 
@@ -48,10 +51,13 @@ def test_each_group_moves_by_its_own_learning_rate(freeze):
   assert np.all(np.sign(updates[kernel[0]][kernel[1]]) == -np.sign(grads[kernel[0]][kernel[1]]))
 
 
-def test_schedule_drops_tenfold_after_epoch_50():
+@pytest.mark.parametrize('decay_epochs', [None, (50,)])
+def test_schedule_drops_tenfold_after_epoch_50(decay_epochs):
+  """Explicitly, or by the recipe's rule: after 2/3 of the 75 epochs."""
   epoch_steps = optimizer.steps_per_epoch(num_examples=118_287, global_batch_size=32)
   assert epoch_steps == 3697  # ceil(118287 / 32)
-  _, schedules = optimizer.build_optimizer(_config(), epoch_steps, 75 * epoch_steps)
+  _, schedules = optimizer.build_optimizer(_config(decay_epochs=decay_epochs), epoch_steps,
+                                           75 * epoch_steps)
   drop = 50 * epoch_steps
   for group, lr in (('head', 1e-4), ('backbone', 1e-5)):
     values = [float(schedules[group](s)) for s in (0, drop - 1, drop, drop + 1, 75 * epoch_steps)]
@@ -59,8 +65,8 @@ def test_schedule_drops_tenfold_after_epoch_50():
 
 
 def test_warmup_is_linear_then_joins_the_steps():
-  schedule = optimizer.step_schedule(1e-4, epoch_steps=100, decay_epochs=[2],
-                                     decay_factor=0.1, warmup_steps=10)
+  schedule = optimizer.step_schedule(1e-4, boundaries=[200], decay_factor=0.1,
+                                     warmup_steps=10)
   np.testing.assert_allclose([float(schedule(s)) for s in (0, 5, 10, 199, 200)],
                              [0.0, 5e-5, 1e-4, 1e-4, 1e-5], rtol=1e-6, atol=1e-12)
 
@@ -89,3 +95,39 @@ def test_unknown_schedule_is_named():
 def test_bad_sizes_are_named():
   with pytest.raises(ValueError, match='global_batch_size'):
     optimizer.steps_per_epoch(100, 0)
+
+
+@pytest.mark.parametrize('recipe,epochs,decay_epoch', [
+    (recipes.detr_resnet50_coco, 24, 16),  # 2/3 of the run, as 50 of the paper's 75.
+    (recipes.detr_resnet50_coco, 150, 100),
+    (recipes.toy, 24, 19.68),  # The toy's last 18%.
+])
+def test_the_decay_follows_num_epochs(recipe, epochs, decay_epoch):
+  """--config.num_epochs on a recipe: the decay moves where the recipe's rule puts it."""
+  config = recipe()
+  config.num_epochs = epochs
+  config = config_checks.check_config(config)
+  epoch_steps = 100
+  steps = optimizer.decay_steps(config, epoch_steps, epochs * epoch_steps)
+  assert steps == [round(decay_epoch * epoch_steps)]
+
+
+def test_a_decay_outside_the_run_is_refused_naming_both_keys():
+  config = recipes.detr_resnet50_coco()
+  config.num_epochs = 12
+  config.optimizer.decay_epochs = (11, 30)
+  with pytest.raises(ValueError, match=r'config.optimizer.decay_epochs=\(11, 30\).*'
+                                       r'config.num_epochs=12'):
+    config_checks.check_config(config)
+  config.num_train_steps = 500  # A run counted in steps: refused once its epochs are known.
+  with pytest.raises(ValueError, match=r'epoch\(s\) \[11, 30\] lie outside the run of 500 steps '
+                                       r'\(5 epochs.*config.num_train_steps'):
+    optimizer.build_optimizer(config_checks.check_config(config), 100, 500)
+
+
+def test_an_evaluation_beyond_the_run_is_refused():
+  config = recipes.detr_resnet50_coco()
+  config.num_epochs = 4
+  with pytest.raises(ValueError, match=r'config.eval_every_epochs=5.0 must be in \(0, '
+                                       r'config.num_epochs=4\] \(None: evaluate at the end'):
+    config_checks.check_config(config)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from qna_detr.train import loop
+from qna_detr.train import trainer
 from qna_detr.train import phases
 from qna_detr.utils import checkpoint_io
 import train_testing
@@ -81,7 +81,7 @@ def test_bad_config_names_the_key(tmp_path, key, value, message):
   section, _, name = key.rpartition('.')
   (config[section] if section else config)[name] = value
   with pytest.raises(ValueError, match=message.replace('.', r'\.')):
-    loop.build_datasets(phases.prepare(config, str(tmp_path)))
+    trainer.build_datasets(phases.prepare(config, str(tmp_path)))
 
 
 def test_missing_dataset_is_named(tmp_path):
@@ -90,7 +90,7 @@ def test_missing_dataset_is_named(tmp_path):
   config.dataset.train_json = str(tmp_path / 'nowhere' / 'instances_train.json')
   config.dataset.train_images = str(tmp_path / 'nowhere')
   with pytest.raises((ValueError, FileNotFoundError), match='instances_train.json'):
-    loop.build_datasets(phases.prepare(config, str(tmp_path)))
+    trainer.build_datasets(phases.prepare(config, str(tmp_path)))
 
 
 def test_a_workdir_that_is_a_file_is_named(tmp_path):

@@ -53,7 +53,7 @@ def _step(detector, freeze, tx=None, ema_decay=0.0, donate=False):
   params = jax.eval_shape(lambda k: detector.init(k, (64, 64)), jax.random.PRNGKey(0))
   frozen = {k: jax.tree.map(lambda _, f=(freeze and k == 'backbone'): f, v)
             for k, v in params.items()}
-  return jax.jit(train_step.make_train_step(detector.module, detector.loss,
+  return jax.jit(train_step.make_train_step(detector.train_outputs, detector.loss,
                                             tx or optax.sgd(1.0), {}, frozen, ema_decay),
                  donate_argnums=(0,) if donate else ())
 

@@ -37,7 +37,7 @@ def micro_config(data_dir: str, *, batch_size: int = 4,
   config.num_train_steps = steps
   config.log_every_steps = 1
   config.checkpoint_every_steps = 2
-  config.eval_every_epochs = 1000.0
+  config.eval_every_epochs = None
   return config
 
 

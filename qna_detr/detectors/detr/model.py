@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
+from qna_detr.detectors import base
 from qna_detr.detectors.detr.position_encoding import sine_position_encoding
 from qna_detr.detectors.detr.transformer import Transformer
 
@@ -47,8 +48,8 @@ class DETR(nn.Module):
       variant). The decoder adds position codes to queries and keys only, so its output knows
       absolute positions only through the features; a ResNet's zero padding puts them there,
       a backbone that masks its padding (as QnA-ViT does) does not.
-    feature_level: the backbone feature map the transformer reads (an index into the
-      pyramid; -1 = the last, DETR's choice).
+    feature_levels: the one backbone feature map the transformer reads, as a 1-tuple of its
+      index in the pyramid ((-1,) = the last, DETR's choice).
   """
   backbone: nn.Module
   num_classes: int
@@ -62,14 +63,14 @@ class DETR(nn.Module):
   dtype: jnp.dtype = jnp.float32
   aux_loss: bool = True
   position_at_input: bool = True
-  feature_level: int = -1
+  feature_levels: tuple[int, ...] = (-1,)
 
   @nn.compact
   def __call__(self, images: jax.Array, padding_mask: jax.Array, *, train: bool) -> Outputs:
     """Predicts `num_queries` boxes per image.
 
     Args:
-      images: `[B, H, W, 3]` float32, normalized.
+      images: `[B, H, W, 3]` float32, normalized (or the level's features, on features).
       padding_mask: `[B, H, W]` bool, True where the image is padding.
       train: enables dropout and the backbone's training mode.
 
@@ -83,10 +84,11 @@ class DETR(nn.Module):
     if self.hidden_dim % 4:
       raise ValueError(f'hidden_dim must be a multiple of 4 (sin/cos pairs for each axis of the '
                        f'position encoding), got {self.hidden_dim}')
-    if images.ndim != 4 or padding_mask.shape != images.shape[:3]:
-      raise ValueError(f'images must be [B, H, W, 3] and padding_mask [B, H, W]; got '
-                       f'{images.shape} and {padding_mask.shape}')
-    feature_map = self.backbone(images, padding_mask, train=train)[self.feature_level]
+    if len(self.feature_levels) != 1:
+      raise ValueError(f'DETR reads one feature level, got {self.feature_levels}')
+    base.check_images(images, padding_mask)
+    pyramid = self.backbone(images, padding_mask, train=train)
+    feature_map, = base.select_levels(pyramid, self.feature_levels)
     features, mask = feature_map.features, feature_map.mask
     batch, height, width, _ = features.shape
 
