@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import flags
 
-from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher
+from qna_detr.detectors.matcher import SOLVERS, HungarianMatcher
 from qna_detr.utils import runtime
 
 _JSON = flags.DEFINE_string('json', None, 'Also write the figures to this JSON file.')

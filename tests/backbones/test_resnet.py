@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from qna_detr.backbones import torchvision_weights
+from qna_detr.utils import torch_pickle
 from qna_detr.backbones.resnet import FrozenBatchNorm, ResNet, ResNetClassifier
 from qna_detr.backbones.resnet import fold_batch_norm, frozen_param
 
@@ -269,7 +270,7 @@ def test_incomplete_batch_norm_is_left_out():
 @pytest.fixture(scope='module')
 def torch_written():
   reference = dict(np.load(os.path.join(TESTDATA, 'torchvision_tiny.npz')))
-  state = torchvision_weights.read_state_dict(os.path.join(TESTDATA, 'torchvision_tiny.pth'))
+  state = torch_pickle.read_state_dict(os.path.join(TESTDATA, 'torchvision_tiny.pth'))
   return state, reference
 
 
@@ -304,9 +305,23 @@ def test_converted_weights_compute_what_torch_computed(torch_written):
   assert set(shortcut['downsample_bn']) == {'scale', 'bias'}
 
 
-def test_refuses_pickles_that_are_not_tensors(tmp_path):
+class _Evil:
+  """Unpickles to a call of os.system, as a malicious .pth would."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return os.system, (f'touch {self.marker}',)
+
+
+def test_runs_nothing_a_pickle_names_and_refuses_what_is_not_tensors(tmp_path):
   path = str(tmp_path / 'evil.pth')
+  marker = tmp_path / 'ran'
   with zipfile.ZipFile(path, 'w') as archive:
-    archive.writestr('evil/data.pkl', pickle.dumps({'x': os.getcwd}))
-  with pytest.raises(pickle.UnpicklingError, match='getcwd'):
-    torchvision_weights.read_state_dict(path)
+    archive.writestr('evil/data.pkl', pickle.dumps({'x': _Evil(str(marker))}))
+  loaded = torch_pickle.load(path)
+  assert isinstance(loaded['x'], torch_pickle.Opaque) and loaded['x'].name.endswith('system')
+  assert not marker.exists()  # os.system was not called.
+  with pytest.raises(ValueError, match='not a state dict'):
+    torch_pickle.read_state_dict(path)

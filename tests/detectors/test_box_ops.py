@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.detectors.detr import box_ops
+from qna_detr.detectors import box_ops
 
 
 def test_conversions_hand_values():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from qna_detr.detectors.detr.losses import LossWeights, set_criterion
-from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher
+from qna_detr.detectors.matcher import SOLVERS, HungarianMatcher
 
 NO_OBJECT = 3  # 3 classes + no-object
 

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher, match_cost
+from qna_detr.detectors.matcher import SOLVERS, HungarianMatcher, match_cost
 
 
 def brute_force_cost(cost: np.ndarray, valid: np.ndarray) -> float:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from qna_detr.detectors.detr.position_encoding import sine_position_encoding
+from qna_detr.detectors.position_encoding import sine_position_encoding
 
 
 def test_hand_values():

@@ -13,7 +13,7 @@ from qna_detr import detectors
 from qna_detr import parallel
 from qna_detr.backbones import registry as backbones
 from qna_detr.detectors.detr.losses import LossWeights, set_criterion
-from qna_detr.detectors.detr.matcher import HungarianMatcher
+from qna_detr.detectors.matcher import HungarianMatcher
 from qna_detr.detectors.detr.postprocess import postprocess
 from qna_detr.train import phases
 import train_testing

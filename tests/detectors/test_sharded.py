@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent('''
     import numpy as np
     from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
     from qna_detr.detectors.detr.losses import set_criterion
-    from qna_detr.detectors.detr.matcher import HungarianMatcher
+    from qna_detr.detectors.matcher import HungarianMatcher
 
     assert jax.device_count() == 8
     mesh = jax.make_mesh((8,), ('data',), axis_types=(AxisType.Auto,))

@@ -9,7 +9,7 @@ import pytest
 from qna_detr import detectors
 from qna_detr import parallel
 from qna_detr.detectors.detr.losses import LossWeights, set_criterion
-from qna_detr.detectors.detr.matcher import HungarianMatcher
+from qna_detr.detectors.matcher import HungarianMatcher
 from qna_detr.train import train_step
 
 import train_testing

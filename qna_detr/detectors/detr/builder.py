@@ -14,7 +14,7 @@ from qna_detr.backbones import registry as backbones
 from qna_detr.detectors import registry
 from qna_detr.detectors.base import DetectorDef
 from qna_detr.detectors.detr.losses import LossWeights, set_criterion
-from qna_detr.detectors.detr.matcher import SOLVERS, HungarianMatcher
+from qna_detr.detectors.matcher import SOLVERS, HungarianMatcher
 from qna_detr.detectors.detr.model import DETR
 from qna_detr.detectors.detr.postprocess import postprocess
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from qna_detr.detectors.detr import box_ops
+from qna_detr.detectors import box_ops
 
 Matcher = Callable[[Mapping[str, jax.Array], Mapping[str, jax.Array]], jax.Array]
 

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from qna_detr.detectors import base
-from qna_detr.detectors.detr.position_encoding import sine_position_encoding
+from qna_detr.detectors.position_encoding import sine_position_encoding
 from qna_detr.detectors.detr.transformer import Transformer
 
 Outputs = dict[str, Any]

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 import jax
 import jax.numpy as jnp
 
-from qna_detr.detectors.detr import box_ops
+from qna_detr.detectors import box_ops
 
 
 def postprocess(outputs: Mapping[str, jax.Array], orig_sizes: jax.Array, *,

@@ -1,8 +1,10 @@
 """Hungarian matching of predictions to padded targets, usable inside a jitted train step.
 
 DETR's loss needs, for every image, the one-to-one assignment of object queries to ground-truth
-boxes with the lowest total cost `cost_class * (-p[class]) + cost_bbox * L1(cxcywh) +
-cost_giou * (-GIoU(xyxy))`. Targets come padded to a fixed N (<= the number of queries) with a
+boxes with the lowest total cost `cost_class * class cost + cost_bbox * L1(cxcywh) +
+cost_giou * (-GIoU(xyxy))`. The class cost is DETR's -softmax(logits)[class] ('softmax', a
+"no object" logit last) or the focal cost of sigmoid scores of Deformable DETR and DINO
+('focal': alpha (1 - p)^2 (-log p) - (1 - alpha) p^2 (-log(1 - p)), p = sigmoid(logit)). Targets come padded to a fixed N (<= the number of queries) with a
 validity mask; every valid target is matched, padded ones never are. The result has a fixed
 shape: for every query, the index of its target, or -1.
 
@@ -25,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
-from qna_detr.detectors.detr import box_ops
+from qna_detr.detectors import box_ops
 
 # Stands in for non-finite costs (from non-finite predictions) so that a solver never sees
 # NaN or inf; dwarfs any real cost (at most 1 + 4 * 5 + 2 * 2 with the default weights).
@@ -34,17 +36,35 @@ _LARGE_COST = 1e6
 Solver = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+CLASS_COSTS = ('softmax', 'focal')
+
+
+def _class_cost(logits: jax.Array, labels: jax.Array, kind: str, alpha: float) -> jax.Array:
+  """[B, Q, N] cost of predicting each target's class."""
+  if kind == 'softmax':
+    prob = jax.nn.softmax(logits, axis=-1)
+    labels = jnp.clip(labels, 0, prob.shape[-1] - 1)
+    return -jnp.take_along_axis(prob, labels[:, None, :], axis=-1)
+  prob = jax.nn.sigmoid(logits)
+  negative = (1 - alpha) * prob ** 2 * -jnp.log(1 - prob + 1e-8)
+  positive = alpha * (1 - prob) ** 2 * -jnp.log(prob + 1e-8)
+  labels = jnp.clip(labels, 0, prob.shape[-1] - 1)
+  return jnp.take_along_axis(positive - negative, labels[:, None, :], axis=-1)
+
+
 def match_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_boxes: jax.Array,
                target_labels: jax.Array, *, cost_class: float = 1.0, cost_bbox: float = 5.0,
-               cost_giou: float = 2.0) -> jax.Array:
+               cost_giou: float = 2.0, class_cost: str = 'softmax',
+               focal_alpha: float = 0.25) -> jax.Array:
   """The matching cost of every (query, target) pair, float32, without gradient.
 
   Args:
-    pred_logits: `[B, Q, C + 1]`.
+    pred_logits: `[B, Q, C + 1]` ('softmax') or `[B, Q, C]` ('focal').
     pred_boxes: `[B, Q, 4]` normalized cxcywh.
     target_boxes: `[B, N, 4]` normalized cxcywh.
     target_labels: `[B, N]` int in [0, C); padded entries may hold anything.
     cost_class, cost_bbox, cost_giou: weights of the three terms.
+    class_cost: 'softmax' or 'focal' (see the module doc), with `focal_alpha`.
 
   Returns:
     `[B, Q, N]` finite costs.
@@ -52,13 +72,11 @@ def match_cost(pred_logits: jax.Array, pred_boxes: jax.Array, target_boxes: jax.
   pred_logits, pred_boxes, target_boxes = jax.tree.map(
       lambda x: jax.lax.stop_gradient(x).astype(jnp.float32),
       (pred_logits, pred_boxes, target_boxes))
-  prob = jax.nn.softmax(pred_logits, axis=-1)
-  labels = jnp.clip(target_labels, 0, prob.shape[-1] - 1)
-  class_cost = -jnp.take_along_axis(prob, labels[:, None, :], axis=-1)
+  classes = _class_cost(pred_logits, target_labels, class_cost, focal_alpha)
   l1_cost = jnp.abs(pred_boxes[:, :, None, :] - target_boxes[:, None, :, :]).sum(-1)
   giou_cost = -box_ops.generalized_box_iou(box_ops.box_cxcywh_to_xyxy(pred_boxes),
                                            box_ops.box_cxcywh_to_xyxy(target_boxes))
-  cost = cost_class * class_cost + cost_bbox * l1_cost + cost_giou * giou_cost
+  cost = cost_class * classes + cost_bbox * l1_cost + cost_giou * giou_cost
   return jnp.nan_to_num(cost, nan=_LARGE_COST, posinf=_LARGE_COST, neginf=-_LARGE_COST)
 
 
@@ -174,6 +192,7 @@ class HungarianMatcher:
     cost_bbox: weight of the L1 distance between cxcywh boxes.
     cost_giou: weight of the negated generalized IoU.
     solver: 'scipy' or 'jax' (see the module docstring).
+    class_cost: 'softmax' or 'focal', with `focal_alpha` (see the module docstring).
     batch_axis: name of the axis of the current mesh (`jax.set_mesh`) that shards the batch.
       With it every device solves its own images; without it, under sharding-based `jit`, the
       host solver has all cost matrices gathered onto one device first.
@@ -183,10 +202,14 @@ class HungarianMatcher:
   cost_giou: float = 2.0
   solver: Literal['scipy', 'jax'] = 'scipy'
   batch_axis: str | None = None
+  class_cost: Literal['softmax', 'focal'] = 'softmax'
+  focal_alpha: float = 0.25
 
   def __post_init__(self):
     if self.solver not in SOLVERS:
       raise ValueError(f'solver must be one of {sorted(SOLVERS)}, got {self.solver!r}')
+    if self.class_cost not in CLASS_COSTS:
+      raise ValueError(f'class_cost must be one of {CLASS_COSTS}, got {self.class_cost!r}')
 
   def __call__(self, outputs: Mapping[str, jax.Array],
                targets: Mapping[str, jax.Array]) -> jax.Array:
@@ -199,7 +222,8 @@ class HungarianMatcher:
     """
     cost = match_cost(outputs['pred_logits'], outputs['pred_boxes'], targets['boxes'],
                       targets['labels'], cost_class=self.cost_class, cost_bbox=self.cost_bbox,
-                      cost_giou=self.cost_giou)
+                      cost_giou=self.cost_giou, class_cost=self.class_cost,
+                      focal_alpha=self.focal_alpha)
     solve = SOLVERS[self.solver]
     if self.batch_axis is not None:
       mesh = jax.sharding.get_abstract_mesh()

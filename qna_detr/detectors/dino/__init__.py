@@ -1,0 +1,1 @@
+"""DINO and its ancestors (Deformable DETR, + box refinement, + two-stage) as one detector."""
