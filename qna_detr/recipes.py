@@ -8,28 +8,11 @@ from ml_collections import config_dict
 from qna_detr.data import dataset_config
 
 
-def detr_coco(backbone: str) -> ml_collections.ConfigDict:
-  """The paper's DETR recipe (supplement 2.2) on TFDS coco/2017 over a registered backbone."""
+def _common(backbone: str) -> ml_collections.ConfigDict:
+  """The keys every detector's recipe has: data, optimizer, weights, phases, the run."""
   config = ml_collections.ConfigDict()
-  config.experiment_name = f'detr_{backbone}_coco'
   config.rng_seed = 0
   config.dataset = dataset_config.default_config()
-  config.model = ml_collections.ConfigDict(dict(
-      name='detr',  # The detector (qna_detr.detectors registry).
-      backbone=backbone,  # The backbone (qna_detr.backbones registry).
-      backbone_drop_path=config_dict.placeholder(float),  # QnA-ViT: None = the variant's rate.
-      qna_implementation='auto',  # QnA-ViT: qna_detr.layers.qna.IMPLEMENTATIONS.
-      num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6,
-      num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
-      # Position codes at queries and keys only, as DETR; True also adds them to the input
-      # features once (see detectors/detr/model.py).
-      position_at_input=False,
-      feature_level=-1,  # The backbone level the transformer reads (-1: the last).
-      dtype='float32'))  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
-  config.matcher = ml_collections.ConfigDict(dict(
-      cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
-      solver='scipy'))  # 'scipy' (host) or 'jax' (on device).
-  config.loss = ml_collections.ConfigDict(dict(ce=1.0, bbox=5.0, giou=2.0, no_object=0.1))
   config.optimizer = ml_collections.ConfigDict(dict(
       lr=1e-4, backbone_lr=1e-5, weight_decay=1e-4, grad_clip_norm=0.1,
       schedule='step',  # 'step': x decay_factor after each of decay_epochs; 'cosine'.
@@ -41,8 +24,8 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet checkpoint of the backbone ('' = train from scratch).
       format='auto'))  # backbones.weights.FORMATS.
-  # Dense pretraining of the backbone on class maps and box edges before DETR, for data
-  # without an ImageNet checkpoint (train/dense_pretraining.py); 0 steps = off.
+  # Dense pretraining of the backbone on class maps and box edges before the detector, for
+  # data without an ImageNet checkpoint (train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
       steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4,
       feature_level=-1,  # The backbone level whose sub-cells learn the targets (-1: last).
@@ -59,6 +42,63 @@ def detr_coco(backbone: str) -> ml_collections.ConfigDict:
   config.keep_checkpoints = 3
   config.eval_every_epochs = 5.0  # None: at the end only.
   config.eval_top_k = 100  # Detections kept per image.
+  config.model = ml_collections.ConfigDict(dict(
+      backbone=backbone,  # The backbone (qna_detr.backbones registry).
+      backbone_drop_path=config_dict.placeholder(float),  # QnA-ViT: None = the variant's rate.
+      qna_implementation='auto',  # QnA-ViT: qna_detr.layers.qna.IMPLEMENTATIONS.
+      dtype='float32'))  # Compute dtype ('float32' or 'bfloat16'); parameters stay float32.
+  return config
+
+
+def detr_coco(backbone: str) -> ml_collections.ConfigDict:
+  """The paper's DETR recipe (supplement 2.2) on TFDS coco/2017 over a registered backbone."""
+  config = _common(backbone)
+  config.experiment_name = f'detr_{backbone}_coco'
+  config.model.update(dict(
+      name='detr',  # The detector (qna_detr.detectors registry).
+      num_queries=100, hidden_dim=256, num_heads=8, num_encoder_layers=6,
+      num_decoder_layers=6, dim_feedforward=2048, dropout=0.1, aux_loss=True,
+      # Position codes at queries and keys only, as DETR; True also adds them to the input
+      # features once (see detectors/detr/model.py).
+      position_at_input=False,
+      feature_level=-1))  # The backbone level the transformer reads (-1: the last).
+  config.matcher = ml_collections.ConfigDict(dict(
+      cost_class=1.0, cost_bbox=5.0, cost_giou=2.0,
+      solver='scipy'))  # 'scipy' (host) or 'jax' (on device).
+  config.loss = ml_collections.ConfigDict(dict(ce=1.0, bbox=5.0, giou=2.0, no_object=0.1))
+  return config
+
+
+def dino_coco(backbone: str) -> ml_collections.ConfigDict:
+  """DINO-4scale's 12-epoch recipe (IDEA-Research/DINO) on TFDS coco/2017: global batch 16,
+  AdamW lr 1e-4, backbone lr 1e-5, x0.1 after epoch 11 (11/12 of the run: 24 epochs decay
+  after 22, 36 after 33), DETR's multi-scale augmentation."""
+  config = _common(backbone)
+  config.experiment_name = f'dino_{backbone}_coco'
+  config.model.update(dict(
+      name='dino',
+      # Backbone levels read (strides 8, 16, 32 of a four-stage backbone), plus extra
+      # stride-2 levels up to num_feature_levels (stride 64).
+      feature_levels=(1, 2, 3), num_feature_levels=4,
+      hidden_dim=256, num_heads=8, num_encoder_layers=6, num_decoder_layers=6,
+      dim_feedforward=2048, dropout=0.0, enc_points=4, dec_points=4, num_queries=900,
+      two_stage=True,  # Queries from the encoder's best proposals (False: learned anchors).
+      box_refinement=True,  # Each decoder layer refines the anchors.
+      look_forward_twice=True,  # A layer's boxes train the previous layer's refinement.
+      # Contrastive denoising queries (0: none); DINO's README trains with box noise 1.0.
+      dn_number=100, dn_label_noise=0.5, dn_box_noise=1.0,
+      pe_temperature=20.0,  # Of the levels' sine position codes.
+      deformable_attention='auto'))  # qna_detr.layers.deformable_attention.IMPLEMENTATIONS.
+  config.matcher = ml_collections.ConfigDict(dict(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0,
+                                                  solver='scipy'))
+  config.loss = ml_collections.ConfigDict(dict(
+      ce=1.0, bbox=5.0, giou=2.0, focal_alpha=0.25,
+      interm=1.0))  # Weight of the encoder selection's terms.
+  config.optimizer.decay_fraction = 11 / 12
+  config.batch_size = config.eval_batch_size = 16
+  config.num_epochs = 12
+  config.eval_every_epochs = 1.0
+  config.eval_top_k = 300  # DINO's num_select (top scores over queries x classes).
   return config
 
 
@@ -69,14 +109,9 @@ def detr_resnet50_coco() -> ml_collections.ConfigDict:
   return config
 
 
-def toy(image_size: int = 128) -> ml_collections.ConfigDict:
-  """The synthetic shapes set, made into WORKDIR/toy_coco, sized for a 2-core CPU.
-
-  A nano QnA-ViT pretrains densely on the set (there is no ImageNet checkpoint for it), then
-  stays frozen while DETR trains on its cached features.
-  """
-  config = detr_coco('qna_vit_nano')
-  config.experiment_name = 'detr_qna_vit_nano_toy'
+def _toy_data(config: ml_collections.ConfigDict, image_size: int) -> None:
+  """The synthetic shapes set in WORKDIR/toy_coco, one padded shape per split, and the nano
+  backbone's dense pretraining on it (there is no ImageNet checkpoint for it), then frozen."""
   config.toy_data = ml_collections.ConfigDict(dict(
       num_train=8000,  # Enough that the detector does not overfit its training images.
       num_val=1000,  # Enough that the AP of one run is not the luck of a few images.
@@ -89,21 +124,47 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
       train_max_size=image_size, eval_max_size=image_size, max_boxes=20,
       train_bucket_shapes=((image_size, image_size),),
       eval_bucket_shapes=((image_size, image_size),)))
+  config.backbone_pretraining.steps = 1500
+  config.optimizer.update(dict(lr=4e-4, freeze_backbone=True))
+  config.train_input = 'cached_features'  # The levels read, per image and flip, in memory.
+  config.batch_size = 16
+  config.eval_batch_size = 16
+  config.log_every_steps = 100  # A console line and TensorBoard point every 100 steps.
+  config.checkpoint_every_steps = 2000
+  config.eval_every_epochs = None  # At the end only.
+  config.eval_top_k = 20
+
+
+def toy(image_size: int = 128) -> ml_collections.ConfigDict:
+  """The synthetic shapes set, made into WORKDIR/toy_coco, sized for a 2-core CPU.
+
+  A nano QnA-ViT pretrains densely on the set, then stays frozen while DETR trains on its
+  cached features.
+  """
+  config = detr_coco('qna_vit_nano')
+  config.experiment_name = 'detr_qna_vit_nano_toy'
+  _toy_data(config, image_size)
   config.model.update(dict(num_queries=20, hidden_dim=128, num_heads=4, num_encoder_layers=2,
                            num_decoder_layers=2, dim_feedforward=512, dropout=0.0))
   # With 20 queries and at most 20 boxes the on-device solver beats the host round trip.
   config.matcher.solver = 'jax'
   # The nano backbone's masked, shift-equivariant features hold no absolute position.
   config.model.position_at_input = True
-  config.backbone_pretraining.steps = 1500
-  config.optimizer.update(dict(lr=4e-4, freeze_backbone=True))
-  config.train_input = 'cached_features'  # An 8 x 8 x 128 map per image and flip.
-  config.batch_size = 16
-  config.eval_batch_size = 16
   config.num_epochs = 12  # 6000 steps.
   config.optimizer.decay_fraction = 0.82  # The last 18% of the run at x0.1.
-  config.eval_top_k = 20
-  config.log_every_steps = 100  # A console line and TensorBoard point every 100 steps.
-  config.checkpoint_every_steps = 2000
-  config.eval_every_epochs = None  # At the end only.
+  return config
+
+
+def dino_toy(image_size: int = 128) -> ml_collections.ConfigDict:
+  """DINO on the synthetic shapes set, beside `toy`: the same set, nano backbone and dense
+  pretraining, then DINO on the cached stride-8 and stride-16 maps plus one extra level."""
+  config = dino_coco('qna_vit_nano')
+  config.experiment_name = 'dino_qna_vit_nano_toy'
+  _toy_data(config, image_size)
+  config.model.update(dict(feature_levels=(1, 2), num_feature_levels=3, hidden_dim=128,
+                           num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=512, num_queries=100, dn_number=50))
+  config.num_epochs = 12
+  config.optimizer.decay_fraction = 0.82  # As the toy DETR's: the last 18% at x0.1.
+  config.eval_top_k = 100
   return config

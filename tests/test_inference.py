@@ -1,5 +1,6 @@
 """The trained detector from Python (`Detector`), from the command line (tools/predict.py) and
-as an exported program run by jax alone (tools/export_model.py), on a trained micro run.
+as an exported program run by jax alone (tools/export_model.py), on a trained micro run of
+each registered detector (DETR, DINO), through the seam alone; and a workdir moved elsewhere.
 
 References: tools/evaluate.py's detections.json for the same checkpoint, and the API itself
 for the other two (whose code paths differ: the tool's files and the exported program).
@@ -29,21 +30,22 @@ def _run(script, args):
   return result
 
 
-@pytest.fixture(scope='module')
-def run(tmp_path_factory):
-  """A micro run trained for 6 steps through the launcher, and tools/evaluate.py's output."""
-  root = tmp_path_factory.mktemp('inference')
-  config_file = train_testing.write_config_file(root / 'micro_config.py', str(root / 'data'),
-                                                steps=6)
+@pytest.fixture(scope='module', params=['detr', 'dino'])
+def run(tmp_path_factory, request):
+  """A micro run trained for 6 steps through the launcher (its toy set in the workdir), and
+  tools/evaluate.py's output."""
+  root = tmp_path_factory.mktemp(f'inference_{request.param}')
+  config_file = train_testing.write_config_file(root / 'micro_config.py', '', steps=6,
+                                                detector=request.param)
   workdir = root / 'run'
   _run('projects/qna_detr/main.py', [f'--config={config_file}', f'--workdir={workdir}'])
   _run('tools/evaluate.py', [f'--workdir={workdir}', f'--output={root / "eval"}'])
   detections = json.loads((root / 'eval' / 'detections.json').read_text())
-  config = json.loads((workdir / 'config.json').read_text())['config']
-  with open(config['dataset']['val_json']) as f:
-    images = {im['id']: os.path.join(config['dataset']['val_images'], im['file_name'])
-              for im in json.load(f)['images']}
-  return {'root': root, 'workdir': workdir, 'detections': detections, 'images': images}
+  data = workdir / 'toy_coco'
+  with open(data / 'annotations' / 'instances_val.json') as f:
+    images = {im['id']: str(data / 'val' / im['file_name']) for im in json.load(f)['images']}
+  return {'root': root, 'workdir': workdir, 'detections': detections, 'images': images,
+          'config_file': config_file}
 
 
 @pytest.fixture(scope='module')
@@ -159,3 +161,19 @@ def test_exported_model_runs_with_jax_alone(run, detector, tmp_path):
     np.testing.assert_allclose(out['boxes'][row], want.boxes, atol=1e-3)
     np.testing.assert_allclose(out['scores'][row], want.scores, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(out['labels'][row], want.labels)
+
+
+def test_a_moved_workdir_evaluates_the_same_from_anywhere(run, tmp_path):
+  """config.json keeps the toy set's paths relative to the workdir: a copy, then moved,
+  evaluated from another directory, gives the run's own metrics."""
+  shutil.copytree(run['workdir'], tmp_path / 'copy')
+  os.rename(tmp_path / 'copy', tmp_path / 'moved')
+  stored = json.loads((tmp_path / 'moved' / 'config.json').read_text())['config']['dataset']
+  assert stored['val_json'] == os.path.join('toy_coco', 'annotations', 'instances_val.json')
+  elsewhere = tmp_path / 'elsewhere'
+  elsewhere.mkdir()
+  result = train_testing.run_script('tools/evaluate.py', [
+      f'--workdir={tmp_path / "moved"}', '--output=eval_here'], cwd=str(elsewhere))
+  assert result.returncode == 0, result.stderr[-3000:]
+  metrics = json.loads((elsewhere / 'eval_here' / 'metrics.json').read_text())
+  assert metrics == json.loads((run['root'] / 'eval' / 'metrics.json').read_text())

@@ -124,8 +124,9 @@ class DetectorDef:
     return init_params(self.module, key, image_shape)
 
   def abstract_params(self) -> Any:
-    """The parameters' shapes and dtypes, computed without running anything."""
-    return jax.eval_shape(lambda k: self.init(k, (64, 64)), jax.random.PRNGKey(0))
+    """The parameters' shapes and dtypes, computed without running anything (at a size that
+    any detector's queries fit)."""
+    return jax.eval_shape(lambda k: self.init(k, (256, 256)), jax.random.PRNGKey(0))
 
   def backbone_features(self, backbone_params: Any, images: Array,
                         padding_mask: Array) -> list[FeatureMap]:

@@ -137,16 +137,15 @@ def _tent(coordinate: Array, size: int) -> Array:
 
 
 def _sample_dense(value: Array, shapes: Shapes, locations: Array, weights: Array) -> Array:
-  out = 0.0
-  for level, ((height, width), start) in enumerate(zip(shapes, _level_starts(shapes))):
-    level_value = value[:, start:start + height * width].reshape(
-        value.shape[0], height, width, *value.shape[2:]).astype(jnp.float32)  # [B, H, W, M, D]
+  matrices = []
+  for level, (height, width) in enumerate(shapes):
     wx = _tent(locations[..., level, :, 0] * width - 0.5, width)  # [B, Lq, M, P, W]
     wy = _tent(locations[..., level, :, 1] * height - 0.5, height)  # [B, Lq, M, P, H]
     wy = wy * weights[..., level, :, None]
-    rows = jnp.einsum('bqmph,bhwmd->bqmpwd', wy, level_value)
-    out = out + jnp.einsum('bqmpwd,bqmpw->bqmd', rows, wx)
-  return out
+    matrix = jnp.einsum('bqmph,bqmpw->bqmhw', wy, wx)
+    matrices.append(matrix.reshape(*matrix.shape[:3], height * width))
+  return jnp.einsum('bqms,bsmd->bqmd', jnp.concatenate(matrices, -1),
+                    value.astype(jnp.float32))
 
 
 _SAMPLERS = {'gather': _sample_gather, 'dense': _sample_dense}

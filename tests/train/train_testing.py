@@ -21,15 +21,12 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 TOY_SET = dict(num_train=24, num_val=10, image_size=64, seed=0)
 
 
-def micro_config(data_dir: str, *, batch_size: int = 4,
-                 steps: int = 4) -> ml_collections.ConfigDict:
-  config = recipes.toy(image_size=TOY_SET['image_size'])
+def _micro_run(config: ml_collections.ConfigDict, data_dir: str, batch_size: int,
+               steps: int) -> ml_collections.ConfigDict:
+  """The tests' toy set and run settings: whole model trained from images, a few steps."""
   config.toy_data.update(data_dir=data_dir, **TOY_SET)
   config.dataset.max_boxes = 8
-  config.model.update(dict(num_queries=8, hidden_dim=32, num_heads=2, num_encoder_layers=1,
-                           num_decoder_layers=2, dim_feedforward=64))
   config.backbone_pretraining.steps = 0
-  # Tests train the whole model, from images.
   config.optimizer.freeze_backbone = False
   config.train_input = 'images'
   config.eval_top_k = 8
@@ -39,6 +36,21 @@ def micro_config(data_dir: str, *, batch_size: int = 4,
   config.checkpoint_every_steps = 2
   config.eval_every_epochs = None
   return config
+
+
+def micro_config(data_dir: str, *, batch_size: int = 4,
+                 steps: int = 4, detector: str = 'detr') -> ml_collections.ConfigDict:
+  """A micro DETR (or with detector='dino', a micro DINO) on the tests' toy set."""
+  if detector == 'dino':
+    config = recipes.dino_toy(image_size=TOY_SET['image_size'])
+    config.model.update(dict(hidden_dim=32, num_heads=2, num_encoder_layers=1,
+                             num_decoder_layers=2, dim_feedforward=64, num_queries=8,
+                             enc_points=2, dec_points=2))
+    return _micro_run(config, data_dir, batch_size, steps)
+  config = recipes.toy(image_size=TOY_SET['image_size'])
+  config.model.update(dict(num_queries=8, hidden_dim=32, num_heads=2, num_encoder_layers=1,
+                           num_decoder_layers=2, dim_feedforward=64))
+  return _micro_run(config, data_dir, batch_size, steps)
 
 
 def write_config_file(path: pathlib.Path, data_dir: str, **kwargs) -> pathlib.Path:
@@ -55,13 +67,14 @@ def write_config_file(path: pathlib.Path, data_dir: str, **kwargs) -> pathlib.Pa
 
 
 def run_script(script: str, args: list[str], extra_env: dict | None = None,
-               timeout: int = 900) -> subprocess.CompletedProcess:
-  """Runs a script of the repository (e.g. 'tools/evaluate.py') on the CPU; output captured."""
+               timeout: int = 900, cwd: str | None = None) -> subprocess.CompletedProcess:
+  """Runs a script of the repository (e.g. 'tools/evaluate.py') on the CPU, from `cwd`;
+  output captured."""
   python_path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get('PYTHONPATH')]))
   return subprocess.run(
       [sys.executable, str(ROOT / script)] + args,
       env={**os.environ, 'JAX_PLATFORMS': 'cpu', 'PYTHONPATH': python_path, **(extra_env or {})},
-      capture_output=True, text=True, timeout=timeout)
+      capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def write_random_checkpoint(workdir: str, config: ml_collections.ConfigDict, step: int = 1,

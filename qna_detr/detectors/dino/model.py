@@ -134,6 +134,10 @@ class DINO(nn.Module):
       anchors = self.param('refpoint_embed', nn.initializers.xavier_uniform(),
                            (self.num_queries, 4))
       return content, jnp.broadcast_to(anchors, (batch, self.num_queries, 4)), None
+    if memory.shape[1] < self.num_queries:
+      raise ValueError(f'config.model.num_queries={self.num_queries} is more than the '
+                       f'{memory.shape[1]} tokens of the levels of these images: the '
+                       'two-stage selection picks a query per token.')
     output_memory, proposals = tr.encoder_proposals(memory, masks)
     output_memory = tr.dense(d, 'enc_output', self.dtype)(output_memory)
     output_memory = nn.LayerNorm(epsilon=tr.LN_EPS, dtype=self.dtype,
