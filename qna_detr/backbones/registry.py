@@ -45,6 +45,9 @@ class BackboneEntry:
     description: one line for listings.
     check: raises a ValueError naming the `config.model` key it reads that is wrong, before
       a run starts.
+    buffer: whether a leaf (its path inside the backbone's tree) is what the reference keeps
+      as a buffer rather than a parameter (a frozen batch norm's folded statistics), so that
+      parameter counts compare with the reference's.
   """
   build: Callable[[ModelConfig], nn.Module]
   build_classifier: Callable[[ModelConfig, int], nn.Module] | None = None
@@ -53,6 +56,7 @@ class BackboneEntry:
   released_params: int | None = None
   description: str = ''
   check: Callable[[ModelConfig], None] = _no_check
+  buffer: Callable[[tuple[str, ...]], bool] = _nothing_frozen
 
 
 _REGISTRY: Registry[BackboneEntry] = Registry('backbone', 'config.model.backbone')

@@ -130,8 +130,12 @@ def frozen_param(path: tuple[str, ...]) -> bool:
   path: the parameter's keys inside the backbone's own tree, e.g. ('layer1_0', 'conv1',
   'kernel').
   """
-  module, owner = path[0], path[-2]
-  return 'bn' in owner or not module.startswith(TRAINED_STAGES)
+  return batch_norm_leaf(path) or not path[0].startswith(TRAINED_STAGES)
+
+
+def batch_norm_leaf(path: tuple[str, ...]) -> bool:
+  """Whether a leaf is a frozen batch norm's (torch keeps those as buffers)."""
+  return 'bn' in path[-2]
 
 
 class ResNetClassifier(nn.Module):
@@ -169,4 +173,5 @@ registry.register('resnet50', registry.BackboneEntry(
     weight_formats=('qna_detr', 'torchvision'), frozen=frozen_param,
     released_params=TORCHVISION_RESNET50_PARAMS,
     check=lambda model_config: base.compute_dtype(model_config.get('dtype', 'float32')),
+    buffer=batch_norm_leaf,
     description='ResNet-50 with frozen batch norm (DETR\'s backbone)'))
