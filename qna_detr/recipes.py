@@ -11,6 +11,8 @@ from qna_detr.data import dataset_config
 def _common(backbone: str) -> ml_collections.ConfigDict:
   """The keys every detector's recipe has: data, optimizer, weights, phases, the run."""
   config = ml_collections.ConfigDict()
+  # Modules to import first: they register detectors or backbones of one's own.
+  config.imports = ()
   config.rng_seed = 0
   config.dataset = dataset_config.default_config()
   config.optimizer = ml_collections.ConfigDict(dict(
@@ -28,7 +30,7 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
   # data without an ImageNet checkpoint (train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
       steps=0, lr=1e-3, warmup_steps=50, weight_decay=1e-4,
-      feature_level=-1,  # The backbone level whose sub-cells learn the targets (-1: last).
+      level=-1,  # The backbone level whose sub-cells learn the targets (-1: the last).
       upsample=4,  # Sub-cells per feature-map cell side whose targets are learned.
       edge_weight=3.0))  # Of the box edges' L1 loss against the class maps' cross-entropy.
   config.ema_decay = 0.0  # > 0: evaluation reads a moving average of the parameters.
@@ -167,4 +169,18 @@ def dino_toy(image_size: int = 128) -> ml_collections.ConfigDict:
   config.num_epochs = 12
   config.optimizer.decay_fraction = 0.82  # As the toy DETR's: the last 18% at x0.1.
   config.eval_top_k = 100
+  return config
+
+
+def cpu_smoke(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` shrunk to what tools/accelerator_benchmarks.sh --cpu-smoke runs on a CPU (the
+  configs in configs/cpu_smoke/): one encoder and decoder layer, a narrow head, few queries
+  and boxes, and QnA-ViT configs on the nano backbone (the same code, three stages)."""
+  config.model.update(dict(num_encoder_layers=1, num_decoder_layers=1, hidden_dim=32,
+                           dim_feedforward=64, num_queries=8))
+  config.dataset.max_boxes = 4
+  if config.model.backbone.startswith('qna_vit'):
+    config.model.backbone = 'qna_vit_nano'
+    if config.model.name == 'dino':  # The nano backbone's strides 8 and 16, one extra level.
+      config.model.update(dict(feature_levels=(1, 2), num_feature_levels=3, dn_number=50))
   return config

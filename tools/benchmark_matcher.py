@@ -27,7 +27,7 @@ _BATCHES = flags.DEFINE_list('batches', ['2', '8', '32'], 'Batch sizes.')
 _TARGETS = flags.DEFINE_list('targets', ['0', '10', '50', '100', 'random'],
                              "Real targets per image (of 100), or 'random' for 0..100 each.")
 
-NUM_QUERIES = 100
+QUERIES = 100
 NUM_CLASSES = 91
 PADDED_TARGETS = 100
 
@@ -41,8 +41,8 @@ def make_problem(rng: np.random.Generator, batch: int, targets: str) -> tuple[di
 
   counts = (rng.integers(0, PADDED_TARGETS + 1, batch) if targets == 'random'
             else np.full(batch, int(targets)))
-  outputs = {'pred_logits': rng.normal(size=(batch, NUM_QUERIES, NUM_CLASSES + 1)),
-             'pred_boxes': boxes(batch, NUM_QUERIES)}
+  outputs = {'pred_logits': rng.normal(size=(batch, QUERIES, NUM_CLASSES + 1)),
+             'pred_boxes': boxes(batch, QUERIES)}
   target_dict = {'boxes': boxes(batch, PADDED_TARGETS),
                  'labels': rng.integers(0, NUM_CLASSES, (batch, PADDED_TARGETS)),
                  'box_mask': np.arange(PADDED_TARGETS)[None, :] < counts[:, None]}
@@ -86,7 +86,7 @@ def main(argv: Sequence[str]) -> None:
   if _JSON.value:
     with open(_JSON.value, 'w') as f:
       json.dump({'device': jax.devices()[0].device_kind, 'host_cores': os.cpu_count(),
-                 'num_queries': NUM_QUERIES,
+                 'queries': QUERIES,
                  'padded_targets': PADDED_TARGETS, 'repeats': _REPEATS.value, 'cases': rows},
                 f, indent=1)
 

@@ -103,12 +103,12 @@ class DenseHeads(nn.Module):
   backbone: nn.Module
   num_classes: int
   upsample: int = 4
-  feature_level: int = -1
+  level: int = -1
 
   @nn.compact
   def __call__(self, images: Array, padding_mask: Array, *,
                train: bool) -> tuple[Array, Array, Array]:
-    level = self.backbone(images, padding_mask, train=train)[self.feature_level]
+    level = self.backbone(images, padding_mask, train=train)[self.level]
     u = self.upsample
     logits = nn.Dense(u * u * self.num_classes, name='head')(level.features)
     # Zero at start, a distance of the right scale: a random head's large errors would
@@ -159,8 +159,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   if cfg.upsample < 1:
     raise ValueError(f'config.backbone_pretraining.upsample={cfg.upsample} must be >= 1.')
   levels = len(base.pyramid_levels(backbones.build(config.model)))
-  if not -levels <= cfg.feature_level < levels:
-    raise ValueError(f'config.backbone_pretraining.feature_level={cfg.feature_level} is not '
+  if not -levels <= cfg.level < levels:
+    raise ValueError(f'config.backbone_pretraining.level={cfg.level} is not '
                      f'one of the backbone\'s {levels} levels.')
   if cfg.edge_weight < 0:
     raise ValueError(f'config.backbone_pretraining.edge_weight={cfg.edge_weight} must be >= 0 '
@@ -198,7 +198,7 @@ def run(config: ml_collections.ConfigDict, workdir: str,
         writer: metric_writers.MetricWriter) -> str:
   """Runs (or resumes, or reuses) the phase; returns the step directory of its result.
 
-  Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, feature_level,
+  Reads config.backbone_pretraining (steps, lr, warmup_steps, weight_decay, level,
   upsample, edge_weight), config.model (backbone and its keys, dtype), the training split of
   config.dataset, config.batch_size, rng_seed, log_every_steps, checkpoint_every_steps.
   """
@@ -213,8 +213,8 @@ def run(config: ml_collections.ConfigDict, workdir: str,
     return result
   train_ds, _ = trainer.build_datasets(config)
   backbone = backbones.build(config.model)
-  stride = list(base.pyramid_levels(backbone))[cfg.feature_level]
-  model = DenseHeads(backbone, train_ds.num_classes, cfg.upsample, cfg.feature_level)
+  stride = list(base.pyramid_levels(backbone))[cfg.level]
+  model = DenseHeads(backbone, train_ds.num_classes, cfg.upsample, cfg.level)
   schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, cfg.warmup_steps, cfg.steps)
   tx = optax.adamw(schedule, weight_decay=cfg.weight_decay)
   mesh = parallel.data_mesh()

@@ -12,6 +12,7 @@ The cache is rebuilt from the frozen backbone at the start of every run, and a s
 a function of the seed and the step number alone, so a resumed run reads the batches an
 uninterrupted one would.
 """
+import collections
 from collections.abc import Iterator
 import dataclasses
 import functools
@@ -94,8 +95,7 @@ def build(detector: DetectorDef, backbone_params, dataset: DetectionDataset) -> 
   mesh = parallel.data_mesh(jax.local_devices())
   sharding = parallel.batch_sharding(mesh)
   forward = jax.jit(detector.backbone_features, out_shardings=parallel.replicated(mesh))
-  levels = len(detector.feature_levels)
-  features, masks = [[] for _ in range(levels)], [[] for _ in range(levels)]
+  features, masks = collections.defaultdict(list), collections.defaultdict(list)
   targets = {k: [] for k in detector.target_keys}
   start = time.time()
   for batch in dataset.iterator():
@@ -110,8 +110,8 @@ def build(detector: DetectorDef, backbone_params, dataset: DetectionDataset) -> 
         masks[level].append(np.asarray(feature_map.mask)[keep])
       for key in detector.target_keys:
         targets[key].append(view[key][keep])
-  cache = FeatureCache(tuple(np.concatenate(f) for f in features),
-                       tuple(np.concatenate(m) for m in masks),
+  cache = FeatureCache(tuple(np.concatenate(features[i]) for i in sorted(features)),
+                       tuple(np.concatenate(masks[i]) for i in sorted(masks)),
                        {k: np.concatenate(v) for k, v in targets.items()})
   logger.info('Feature cache: %d entries of %s, %.0f MB, built in %.0fs', len(cache),
               ', '.join(str(f.shape[1:]) for f in cache.features), cache.nbytes / 2**20,

@@ -45,3 +45,11 @@ def test_cpu_smoke_writes_every_figure(tmp_path):
   rows = json.loads((tmp_path / 'out' / 'qna.json').read_text())['results']
   assert {r['layer'] for r in rows} == {'qna_slices', 'qna_conv', 'sasa', 'window', 'floor'}
   assert all(r['compile_s'] > 0 and r['median_s'] > 0 for r in rows)
+  assert set(summary['dino_vs_detr']) == {'dino_qna_vit_tiny_coco_512', 'qna_detr_tiny_coco_512'}
+  assert all(f['median_step_s'] > 0 and f['peak_bytes'] > 0
+             for f in summary['dino_vs_detr'].values())
+  deformable = json.loads((tmp_path / 'out' / 'deformable.json').read_text())['results']
+  assert {(r['case'], r['row'], r['pass']) for r in deformable} >= {
+      (c, i, p) for c in ('encoder', 'decoder') for i in ('gather', 'dense')
+      for p in ('fwd', 'fwd_bwd')}
+  assert all(r['median_s'] > 0 for r in deformable if 'skipped' not in r)
