@@ -69,8 +69,7 @@ def _with_project_writer(main: Callable) -> Callable:
     try:
       main(rng=rng, config=config, workdir=workdir, writer=writer)
     except Exception as e:
-      logger.exception('The run stopped')
-      print(f'\nERROR: {type(e).__name__}: {e}', file=sys.stderr, flush=True)
+      runtime.report_error(e, 'The run stopped')
       sys.exit(1)
     finally:
       writer.close()
@@ -115,7 +114,7 @@ def run(main: Callable) -> None:
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
   if launcher() == 'scenic':
     from scenic import app as scenic_app  # pylint: disable=g-import-not-at-top
-    scenic_app.run(main)
+    runtime.run_with_flags(lambda: scenic_app.run(main))
     return
   jax.config.config_with_absl()
-  app.run(functools.partial(_run_main, main=main))
+  runtime.run_with_flags(lambda: app.run(functools.partial(_run_main, main=main)))

@@ -25,7 +25,9 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
 
 
 def check_batch_size(global_batch_size: int, key: str = 'config.batch_size') -> None:
-  """Every device must get the same number of examples."""
+  """Every device must get the same number of examples, at least one."""
+  if global_batch_size < 1:
+    raise ValueError(f'{key}={global_batch_size} must be >= 1.')
   if global_batch_size % jax.device_count():
     raise ValueError(f'{key}={global_batch_size} is not divisible by the '
                      f'{jax.device_count()} devices.')

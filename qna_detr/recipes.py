@@ -6,6 +6,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from qna_detr.data import dataset_config
+from qna_detr.data import toy as toy_set
 
 
 def _common(backbone: str) -> ml_collections.ConfigDict:
@@ -25,7 +26,9 @@ def _common(backbone: str) -> ml_collections.ConfigDict:
       freeze_backbone=False))  # True: the backbone's parameters stay fixed (no backward).
   config.pretrained = ml_collections.ConfigDict(dict(
       path='',  # ImageNet checkpoint of the backbone ('' = train from scratch).
-      format='auto'))  # backbones.weights.FORMATS.
+      format='auto',  # backbones.weights.FORMATS.
+      # True: load what fits (another variant's checkpoint), the rest stays random.
+      allow_partial=False))
   # Dense pretraining of the backbone on class maps and box edges before the detector, for
   # data without an ImageNet checkpoint (train/dense_pretraining.py); 0 steps = off.
   config.backbone_pretraining = ml_collections.ConfigDict(dict(
@@ -119,13 +122,12 @@ def _toy_data(config: ml_collections.ConfigDict, image_size: int) -> None:
       num_val=1000,  # Enough that the AP of one run is not the luck of a few images.
       image_size=image_size, seed=0,
       data_dir=''))  # '' = WORKDIR/toy_coco.
+  # DETR's sizes scaled to the toy images, one padded shape per split (on a CPU each shape
+  # costs a compilation of tens of seconds, more than the padding it would save); they
+  # follow --config.toy_data.image_size (data/toy.py: dataset_sizes).
   config.dataset = dataset_config.toy_config('', image_size)
-  # One padded shape for training and one for evaluation: on a CPU each shape costs a
-  # compilation of tens of seconds, more than the padding it would save.
-  config.dataset.update(dict(
-      train_max_size=image_size, eval_max_size=image_size, max_boxes=20,
-      train_bucket_shapes=((image_size, image_size),),
-      eval_bucket_shapes=((image_size, image_size),)))
+  config.dataset.update(toy_set.dataset_sizes(image_size))
+  config.dataset.max_boxes = 20
   config.backbone_pretraining.steps = 1500
   config.optimizer.update(dict(lr=4e-4, freeze_backbone=True))
   config.train_input = 'cached_features'  # The levels read, per image and flip, in memory.
@@ -159,14 +161,17 @@ def toy(image_size: int = 128) -> ml_collections.ConfigDict:
 
 def dino_toy(image_size: int = 128) -> ml_collections.ConfigDict:
   """DINO on the synthetic shapes set, beside `toy`: the same set, nano backbone and dense
-  pretraining, then DINO on the cached stride-8 and stride-16 maps plus one extra level."""
+  pretraining, then DINO on the cached stride-8 and stride-16 maps plus one extra level, for
+  as many steps as fit the toy DETR's time on a 2-core CPU."""
   config = dino_coco('qna_vit_nano')
   config.experiment_name = 'dino_qna_vit_nano_toy'
   _toy_data(config, image_size)
-  config.model.update(dict(feature_levels=(1, 2), num_feature_levels=3, hidden_dim=128,
-                           num_heads=4, num_encoder_layers=2, num_decoder_layers=2,
-                           dim_feedforward=512, num_queries=100, dn_number=50))
-  config.num_epochs = 12
+  # No denoising queries: they cost a quarter of the step and did not pay off in this
+  # budget (docs/2026-12-04-dino-and-the-house.md).
+  config.model.update(dict(feature_levels=(1, 2), num_feature_levels=3, hidden_dim=64,
+                           num_heads=2, num_encoder_layers=2, num_decoder_layers=2,
+                           dim_feedforward=256, num_queries=100, dn_number=0))
+  config.num_train_steps = 1600  # 3.2 epochs: the toy DETR's 6000 steps' time on a CPU.
   config.optimizer.decay_fraction = 0.82  # As the toy DETR's: the last 18% at x0.1.
   config.eval_top_k = 100
   return config

@@ -14,10 +14,13 @@ tool still finds its files, from any directory.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import socket
+import time
 from typing import Any
 
 import jax
@@ -110,15 +113,22 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   _write(workdir, content)
 
 
-def save_dataset(workdir: str, train: Any, val: Any) -> None:
+def save_classes(workdir: str, class_names, category_ids, train_bucket_shapes,
+                 eval_bucket_shapes) -> None:
   """Adds the class names and category ids, and both splits' bucket shapes (the evaluation
   ones are those inference uses)."""
   content = _read(workdir) if has_config(workdir) else {}
-  content['dataset'] = {'class_names': list(train.class_names),
-                        'category_ids': list(train.category_ids),
-                        'train_bucket_shapes': [list(s) for s in train.bucket_shapes],
-                        'eval_bucket_shapes': [list(s) for s in val.bucket_shapes]}
+  content['dataset'] = {'class_names': list(class_names),
+                        'category_ids': [int(c) for c in category_ids],
+                        'train_bucket_shapes': [list(s) for s in train_bucket_shapes],
+                        'eval_bucket_shapes': [list(s) for s in eval_bucket_shapes]}
   _write(workdir, content)
+
+
+def save_dataset(workdir: str, train: Any, val: Any) -> None:
+  """`save_classes` of the training split's classes and both splits' bucket shapes."""
+  save_classes(workdir, train.class_names, train.category_ids, train.bucket_shapes,
+               val.bucket_shapes)
 
 
 def load_config(workdir: str, given: ml_collections.ConfigDict | None = None
@@ -127,7 +137,7 @@ def load_config(workdir: str, given: ml_collections.ConfigDict | None = None
   (a tool's --config) must equal the saved one once its toy set's paths are filled in as the
   run filled them; it is used alone where the workdir has no config.json."""
   if given is not None:
-    given = toy.with_paths(given, workdir)
+    given = toy.resolve(given, workdir)
     if not has_config(workdir):
       return given, {}
   content = _read(workdir)
@@ -200,3 +210,58 @@ def load_run(workdir: str, checkpoint: str | None = None,
                     tuple(int(c) for c in dataset['category_ids']),
                     tuple(tuple(int(v) for v in s) for s in dataset['eval_bucket_shapes']),
                     step_dir)
+
+
+LOCK_FILE = 'run.lock'
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def locked(workdir: str):
+  """Holds WORKDIR/run.lock (host and pid) while a run uses the workdir (process 0 of a
+  multi-process run takes it for all): a second start is refused naming the holder; a lock
+  left by a process of this host that is gone is taken over with a warning."""
+  if jax.process_index() != 0:
+    yield
+    return
+  path = os.path.join(workdir, LOCK_FILE)
+  mine = {'host': socket.gethostname(), 'pid': os.getpid(),
+          'started': time.strftime('%Y-%m-%d %H:%M:%S')}
+  while True:
+    try:
+      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+      holder = _read_lock(path)
+      if holder.get('host') == mine['host'] and not _alive(int(holder.get('pid', -1))):
+        logger.warning('Taking over %s from pid %s of this host, which is gone', path,
+                       holder.get('pid'))
+        os.remove(path)
+        continue
+      raise RuntimeError(f'{path}: another run uses this workdir (host {holder.get("host")}, '
+                         f'pid {holder.get("pid")}, started {holder.get("started")}); stop it '
+                         'or use another --workdir') from None
+    with os.fdopen(fd, 'w') as f:
+      json.dump(mine, f)
+    break
+  try:
+    yield
+  finally:
+    if _read_lock(path).get('pid') == mine['pid']:
+      os.remove(path)
+
+
+def _read_lock(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return {}

@@ -127,6 +127,24 @@ def load_backbone(params: Tree, path: str, fmt: str = 'auto',
   return {**params, 'backbone': loaded}, report
 
 
+def load_pretrained_backbone(params: Tree, config: Any) -> Tree:
+  """`load_backbone` from `config.pretrained` (path, format) for `config.model.backbone`:
+  weights that leave backbone tensors missing or unexpected (another variant's) are refused,
+  naming the counts and a few names, unless `config.pretrained.allow_partial`."""
+  pretrained = config.pretrained
+  loaded, report = load_backbone(params, pretrained.path, pretrained.format,
+                                 config.model.backbone)
+  if report.missing or report.unexpected:
+    if not pretrained.get('allow_partial', False):
+      raise ValueError(f'config.pretrained.path={pretrained.path} does not fit the backbone '
+                       f'config.model.backbone={config.model.backbone!r}: {report.summary()}; '
+                       'is it another variant? (config.pretrained.allow_partial=True loads '
+                       'what fits.)')
+    logger.warning('Partial pretrained load (config.pretrained.allow_partial): %s; the '
+                   'missing tensors keep their initialization', report.summary())
+  return loaded
+
+
 def load_classifier(params: Tree, path: str, fmt: str = 'auto',
                     backbone: str | None = None) -> tuple[Tree, LoadReport]:
   """A classifier's params (backbone, norm and head) replaced from `path`."""

@@ -246,23 +246,50 @@ def _data_dir(toy_data: Any, workdir: str) -> str:
   return toy_data.data_dir or os.path.join(workdir, 'toy_coco')
 
 
-def with_paths(config: Any, workdir: str) -> Any:
+def _given_paths(config: Any) -> list[str]:
+  """The COCO-folder paths a user set on a config that asks for the toy set."""
+  return [f'config.dataset.{k}' for k in paths('') if config.dataset.get(k)]
+
+
+def dataset_sizes(image_size: int) -> dict[str, Any]:
+  """`config.dataset`'s sizes for toy images of longer side `image_size`: DETR's resize
+  settings scaled down, one padded shape per split (a CPU compiles each shape once)."""
+  scale = image_size / 800
+  return dict(
+      train_scales=tuple(sorted({int(round(s * scale / 8)) * 8 for s in range(480, 801, 64)})),
+      crop_resize_scales=tuple(int(round(s * scale)) for s in (400, 500, 600)),
+      crop_min_size=int(round(384 * scale)), crop_max_size=int(round(600 * scale)),
+      eval_scale=image_size, train_max_size=image_size, eval_max_size=image_size,
+      train_bucket_shapes=((image_size, image_size),),
+      eval_bucket_shapes=((image_size, image_size),))
+
+
+def resolve(config: Any, workdir: str) -> Any:
   """Where `config.toy_data` asks for the toy set: the config reading it (in
-  `toy_data.data_dir`, default WORKDIR/toy_coco) as its COCO folder, without making it. Other
-  configs are returned as they are."""
+  `toy_data.data_dir`, default WORKDIR/toy_coco) as its COCO folder, without making it, its
+  sizes following `toy_data.image_size` (`dataset_sizes`, where an override changed it).
+  Other configs, and toy configs given COCO-folder paths of their own, are returned as they
+  are."""
   toy_data = config.get('toy_data')
-  if not toy_data:
+  if not toy_data or _given_paths(config):
     return config
   config = copy.deepcopy(config)
   config.dataset.update(name='coco_folder', **paths(os.path.abspath(_data_dir(toy_data,
                                                                                 workdir))))
+  if config.dataset.eval_scale != toy_data.image_size:
+    config.dataset.update(dataset_sizes(toy_data.image_size))
   return config
 
 
 def prepare(config: Any, workdir: str) -> Any:
-  """`with_paths`, the toy set made first unless it is there."""
+  """`resolve`, the toy set made first unless it is there (or the config names a COCO
+  folder of its own, which it then reads instead, with a line that says so)."""
   toy_data = config.get('toy_data')
   if not toy_data:
+    return config
+  given = _given_paths(config)
+  if given:
+    logger.info('%s given: the run reads that COCO folder, not the toy set', ', '.join(given))
     return config
   data_dir = _data_dir(toy_data, workdir)
   if not os.path.exists(paths(data_dir)['val_json']):
@@ -270,4 +297,4 @@ def prepare(config: Any, workdir: str) -> Any:
                 toy_data.num_val, data_dir)
   ensure_toy_coco(data_dir, num_train=toy_data.num_train, num_val=toy_data.num_val,
                   image_size=toy_data.image_size, seed=toy_data.seed)
-  return with_paths(config, workdir)
+  return resolve(config, workdir)

@@ -30,7 +30,7 @@ class Checkpointer:
     self._data_dir = os.path.join(root, 'data_state')
     self._states = checkpoint_io.CheckpointDir(os.path.join(root, SUBDIR), keep=keep,
                                                create=True)
-    self._states.remove_incomplete(logger.warning)
+    self._states.complete_or_move_incomplete(logger.warning)
 
   @property
   def directory(self) -> str:
@@ -60,7 +60,8 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, iterator: Optional[tf.data.Iterator] = None) -> Any:
     """The newest intact state; the iterator too when one is given and was saved."""
-    step, state = self._states.restore_newest_intact(abstract_state, logger.warning)
+    step, state = self._states.restore_newest_intact(abstract_state, logger.warning,
+                                                     move_broken=True)
     if iterator is not None:
       path = self._data_path(step)
       if tf.io.gfile.exists(path + '.index'):

@@ -49,10 +49,12 @@ def prepare(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.C
 def run(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
         writer: metric_writers.MetricWriter) -> dict[str, float]:
   """Runs the phases; returns the final COCO metrics. WORKDIR/config.json records the
-  config (`qna_detr.workdir`)."""
-  config = prepare(config, workdir)
-  run_files.save_config(workdir, config)
-  writer.write_texts(0, {'config': f'```\n{config}\n```'})
-  if config.backbone_pretraining.steps > 0 and not run_files.has_checkpoint(workdir):
-    config.pretrained.path = dense_pretraining.run(config, workdir, writer)
-  return trainer.train_and_evaluate(rng, config, workdir, writer)
+  config, WORKDIR/run.lock keeps other runs out meanwhile (`qna_detr.workdir`)."""
+  _check_workdir(workdir)
+  with run_files.locked(workdir):
+    config = prepare(config, workdir)
+    run_files.save_config(workdir, config)
+    writer.write_texts(0, {'config': f'```\n{config}\n```'})
+    if config.backbone_pretraining.steps > 0 and not run_files.has_checkpoint(workdir):
+      config.pretrained.path = dense_pretraining.run(config, workdir, writer)
+    return trainer.train_and_evaluate(rng, config, workdir, writer)

@@ -4,19 +4,25 @@ pretraining): steps from the state's own to the last, logging, checkpoints, peri
 Every `log_every` steps: the mean metrics, step time and images/s to the writer and one
 console line (ETA from the steps after the first, which compiles). Every `checkpoint_every`
 steps and at the end: the state (with the data iterator). A non-finite loss or gradient norm
-stops the run (`NonFiniteLoss`) before anything after it is saved.
+stops the run (`NonFiniteLoss`) before anything after it is saved. SIGTERM (a cluster's
+preemption) or a first Ctrl-C stops the run after the step in flight, its state saved
+(`Stopped`; every process at the same step); a second Ctrl-C stops at once.
 """
 from collections.abc import Callable, Sequence
+import contextlib
 import dataclasses
 import logging
 import math
 import re
+import signal
+import threading
 import time
 from typing import Any, Optional
 
 from clu import metric_writers
 from clu import periodic_actions
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 from qna_detr.train import checkpoints
@@ -41,6 +47,42 @@ class StepLoop:
 
 class NonFiniteLoss(FloatingPointError):
   """The loss or the gradient norm of a step is NaN or inf."""
+
+
+class Stopped(RuntimeError):
+  """The run stopped on a signal, its state saved; the same command resumes it."""
+
+
+@contextlib.contextmanager
+def _stop_requests():
+  """{'signal': the name of SIGTERM or SIGINT once one arrived, else None} while the steps
+  run; a second SIGINT raises KeyboardInterrupt at once. Handlers only in the main thread."""
+  requested = {'signal': None}
+  if threading.current_thread() is not threading.main_thread():
+    yield requested
+    return
+
+  def handler(signum, frame):
+    del frame
+    if requested['signal'] is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt
+    requested['signal'] = signal.Signals(signum).name
+    logger.warning('%s: stopping after the step in flight, with a checkpoint (a second Ctrl-C '
+                   'stops at once)', requested['signal'])
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield requested
+  finally:
+    for s, old in previous.items():
+      signal.signal(s, old)
+
+
+def _agreed(stop: bool) -> bool:
+  """Whether any process was asked to stop (so that all stop at the same step)."""
+  if jax.process_count() == 1:
+    return stop
+  return bool(np.any(multihost_utils.process_allgather(np.asarray(stop))))
 
 
 def _stopped(loop: StepLoop, step: int, what: str) -> NonFiniteLoss:
@@ -90,7 +132,7 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
   report = periodic_actions.ReportProgress(num_train_steps=loop.total_steps, writer=loop.writer,
                                            every_steps=loop.log_every, every_secs=None)
   history, last_log, compiled_at = [], (start_step, time.time()), None
-  with jax.set_mesh(mesh):
+  with jax.set_mesh(mesh), _stop_requests() as requested:
     for step in range(start_step + 1, loop.total_steps + 1):
       with jax.profiler.StepTraceAnnotation(loop.name, step_num=step):
         state, metrics = step_fn(state, next_batch())
@@ -99,8 +141,10 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
         compiled_at = (step, time.time())
       history.append(metrics)
       report(step)
+      stop = _agreed(requested['signal'] is not None)
       last = step == loop.total_steps
-      logs, saves = step % loop.log_every == 0 or last, step % loop.checkpoint_every == 0 or last
+      logs = step % loop.log_every == 0 or last
+      saves = step % loop.checkpoint_every == 0 or last or stop
       if logs or saves:
         host = jax.device_get(history)
         _check_finite(host, step - len(host) + 1, loop)
@@ -121,6 +165,10 @@ def run_steps(step_fn: Callable, state: Any, next_batch: Callable[[], Any],
           raise _stopped(loop, step, f'the parameters are no longer finite ({e})') from None
         logger.info('%s step %d: checkpoint %s/%d', loop.name, step,
                     loop.checkpointer.directory, step)
+      if stop and not last:
+        cause = requested['signal'] or 'another process was stopped'
+        raise Stopped(f'{loop.name}: stopped at step {step} ({cause}); checkpoint '
+                      f'{loop.checkpointer.directory}/{step}; rerun the same command to resume')
       for every, callback in loop.periodic:
         if step % every == 0 and not last:
           callback(step, state)

@@ -41,11 +41,12 @@ def build_datasets(config: ml_collections.ConfigDict):
 
 def load_pretrained(state: train_step.TrainState, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh) -> train_step.TrainState:
-  """The state with its backbone from `config.pretrained.path`, if set."""
+  """The state with its backbone from `config.pretrained.path`, if set. Weights that leave
+  backbone tensors missing or unexpected (another variant's) are refused, unless
+  `config.pretrained.allow_partial` says a partial load is meant."""
   if not config.pretrained.path:
     return state
-  params, _ = weights.load_backbone(jax.device_get(state.params), config.pretrained.path,
-                                    config.pretrained.format, config.model.backbone)
+  params = weights.load_pretrained_backbone(jax.device_get(state.params), config)
   return state.with_params(jax.device_put(params, parallel.replicated(mesh)))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import time
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -110,13 +110,34 @@ class CheckpointDir:
     complete = set(self.complete_steps())
     return [s for s in sorted(self._manager.all_steps()) if s not in complete]
 
-  def remove_incomplete(self, log: Callable[[str], None]) -> None:
-    """Deletes incomplete steps (on process 0), so that the step can be written again."""
+  def move_aside(self, step: int, log: Callable[[str], None]) -> str:
+    """Renames a step that cannot be used to <step>.broken-<UTC time> (process 0; never
+    deleted), so that the step can be written again; returns the new name."""
+    moved = f'{self.step_dir(step)}.broken-{time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())}'
+    if jax.process_index() == 0:
+      os.replace(self.step_dir(step), moved)
+    log(f'Moved {self.step_dir(step)} aside to {moved}')
+    self._manager.reload()
+    return moved
+
+  def complete_or_move_incomplete(self, log: Callable[[str], None]) -> None:
+    """Steps whose checksums alone are missing (orbax finished, the checksums' write was cut
+    short) get them, where every array reads back finite; other incomplete steps (an empty
+    directory, unreadable arrays) are moved aside. On process 0."""
     for step in self.incomplete_steps():
-      log(f'Checkpoint {self.step_dir(step)} is incomplete (its write was cut short); '
-          'removed it')
+      try:
+        host = jax.device_get(self._manager.restore(step))
+        if non_finite_leaves(host) or not named_leaves(host):
+          raise CorruptCheckpoint('non-finite or empty')
+      except Exception as e:  # pylint: disable=broad-except  (TensorStore raises plain Exception)
+        log(f'Checkpoint {self.step_dir(step)} is incomplete ({_first_line(e)})')
+        self.move_aside(step, log)
+        continue
       if jax.process_index() == 0:
-        shutil.rmtree(self.step_dir(step), ignore_errors=True)
+        files.write_atomic(os.path.join(self.step_dir(step), CHECKSUMS),
+                           lambda f, host=host: json.dump(checksums(host), f))
+      log(f'Checkpoint {self.step_dir(step)} lacked only its checksums: its arrays read back '
+          'whole, checksums written, kept')
     self._manager.reload()
 
   def save(self, step: int, tree: Tree) -> None:
@@ -127,7 +148,9 @@ class CheckpointDir:
     if bad:
       raise NonFiniteState(f'Refusing to write step {step} to {self.directory}: non-finite '
                            f'values in {bad[:5]}')
-    self._manager.save(step, args=ocp.args.StandardSave(tree))
+    if not self._manager.save(step, args=ocp.args.StandardSave(tree)):
+      raise CheckpointError(f'Step {step} was not written to {self.directory}: a step of that '
+                            'number is there already (orbax skips it)')
     self._manager.wait_until_finished()
     if jax.process_index() == 0:
       files.write_atomic(os.path.join(self.step_dir(step), CHECKSUMS),
@@ -177,9 +200,10 @@ class CheckpointDir:
     return host
 
   def restore_newest_intact(self, abstract: Tree, log: Callable[[str], None],
-                            part: bool = False) -> tuple[int, Tree]:
+                            part: bool = False, move_broken: bool = False) -> tuple[int, Tree]:
     """(step, tree) of the newest step that restores (`restore`, or `restore_part` with
-    `part`); each broken newer step is named in a warning through `log`. Raises the last
+    `part`); each broken newer step is named in a warning through `log` (and, with
+    `move_broken`, moved aside: a run that resumes writes those steps again). Raises the last
     error when no step is intact, or at once on a checkpoint of another model."""
     steps = self.complete_steps()
     if not steps:
@@ -191,6 +215,8 @@ class CheckpointDir:
       except CorruptCheckpoint as e:
         errors.append(str(e))
         log(f'Skipping a broken checkpoint: {e}')
+        if move_broken:
+          self.move_aside(step, log)
         continue
       if errors:
         log(f'Restored {self.step_dir(step)}, the newest intact checkpoint')

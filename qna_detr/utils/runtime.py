@@ -16,6 +16,7 @@ import ctypes.util
 import functools
 import logging
 import os
+import re
 import sys
 from typing import Callable
 
@@ -90,6 +91,31 @@ def configure_logging() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+# What a user can act on (a config key, a file, a workdir, a stop, a diverged run): one ERROR
+# line, the traceback only with --verbosity. Anything else is a bug: its traceback as well.
+USER_ERRORS = (ValueError, OSError, RuntimeError, ArithmeticError, KeyError)
+
+
+def report_error(error: BaseException, what: str) -> None:
+  """The error as the console's last line, `ERROR: Type: message` (after its traceback for a
+  bug, or with --verbosity)."""
+  if not isinstance(error, USER_ERRORS) or flags.FLAGS['verbosity'].present:
+    logger.error(what, exc_info=error)
+  print(f'\nERROR: {type(error).__name__}: {error}', file=sys.stderr, flush=True)
+
+
+def run_with_flags(run: Callable[[], None]) -> None:
+  """`run()` (which parses the flags, e.g. `app.run(...)`), a flag that does not parse (an
+  unknown `--config.KEY`: ml_collections suggests the right one) reported on one line."""
+  try:
+    run()
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    text = ' '.join(str(e).replace('\\n', ' ').replace('\\', '').split()).strip("'")
+    text = re.sub(r"^'?([\w.]+)' (Did you mean)", r"no key '\1'. \2", text)
+    print(f'\nERROR: a flag could not be parsed: {text}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 def _start_tool() -> None:
   configure_logging()
   enable_compilation_cache(CACHE_DIR.value)
@@ -101,4 +127,11 @@ def run_app(main: Callable) -> None:
   if any(arg in ('--help', '-h', '-?', '--helpshort') for arg in sys.argv[1:]):
     app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
   app.call_after_init(_start_tool)
-  app.run(main)
+
+  def run(argv):
+    try:
+      main(argv)
+    except Exception as e:  # pylint: disable=broad-except
+      report_error(e, 'The tool stopped')
+      sys.exit(1)
+  run_with_flags(lambda: app.run(run))

@@ -49,7 +49,7 @@ def test_pyramid_strides_for_odd_non_square_input():
 
 
 def _perturbed_params(model, images, seed=0):
-  params = model.init(jax.random.key(seed), images)
+  params = jax.jit(model.init)(jax.random.key(seed), images)  # Eager, QnA-ViT takes long.
   rng = np.random.default_rng(seed)
   leaves, treedef = jax.tree.flatten(params)
   return jax.tree.unflatten(treedef, [
@@ -90,7 +90,8 @@ def test_classifier_pools_real_pixels_only():
   mask[:, :33, :40] = False
   model = QnAViTClassifier(SMALL, num_classes=5)
   params = _perturbed_params(model, padded)
-  np.testing.assert_allclose(model.apply(params, padded, mask), model.apply(params, image),
+  apply = jax.jit(model.apply)
+  np.testing.assert_allclose(apply(params, padded, mask), apply(params, image),
                              rtol=1e-4, atol=1e-5)
 
 

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
+from qna_detr import recipes
 from qna_detr.data import toy
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -105,3 +106,18 @@ def test_ensure_refuses_a_dataset_made_with_other_arguments(tmp_path):
   with pytest.raises(ValueError, match=r'config.toy_data.image_size=null \(now 32\)'):
     toy.ensure_toy_coco(folder, num_train=2, num_val=1, image_size=32, seed=0)
   assert len(_load(out['train_json'])['images']) == 2  # Nothing was deleted.
+
+
+def test_the_datasets_sizes_follow_an_image_size_override(tmp_path):
+  """--config.toy_data.image_size=96 on the toy recipe: the resize settings and the padded
+  shapes are those of 96-pixel images (hand-computed: DETR's 480..800 step 64 scaled by
+  96 / 800 and rounded to 8), not of the recipe's 128."""
+  config = recipes.toy()
+  config.toy_data.image_size = 96
+  resolved = toy.resolve(config, str(tmp_path))
+  dataset = resolved.dataset
+  assert dataset.train_scales == (56, 64, 72, 80, 88, 96)
+  assert (dataset.eval_scale, dataset.train_max_size, dataset.eval_max_size) == (96, 96, 96)
+  assert dataset.train_bucket_shapes == dataset.eval_bucket_shapes == ((96, 96),)
+  assert dataset.val_json == str(tmp_path / 'toy_coco' / 'annotations' / 'instances_val.json')
+  assert recipes.toy().dataset.eval_scale == 128  # The recipe itself is unchanged.

@@ -159,7 +159,7 @@ def test_the_tools_skip_a_step_whose_parameters_are_broken(tmp_path, saved, capl
 
 def test_non_finite_states_are_never_written_or_restored(tmp_path, saved):
   config, states = saved
-  bad = jax.tree.map(lambda x: x, states[3])
+  bad = jax.tree.map(np.array, states[3])  # A copy: the fixture stays as written.
   bad.params['input_proj']['kernel'][0, 0] = np.nan
   directory = checkpoint_io.CheckpointDir(str(tmp_path / 'checkpoints'), keep=3)
   with pytest.raises(checkpoint_io.NonFiniteState, match=r'Refusing to write step 4.*'
@@ -167,3 +167,37 @@ def test_non_finite_states_are_never_written_or_restored(tmp_path, saved):
     directory.save(4, bad)
   assert directory.complete_steps() == [1, 2, 3]  # Nothing written, nothing rotated out.
   directory.close()
+
+
+def test_a_step_lacking_only_its_checksums_is_verified_and_kept(tmp_path, saved, caplog):
+  config, states = saved
+  os.remove(tmp_path / 'checkpoints' / '3' / checkpoint_io.CHECKSUMS)
+  empty = tmp_path / 'checkpoints' / '4'
+  empty.mkdir()  # Not a checkpoint at all: moved aside, not deleted.
+  resume = checkpoints.Checkpointer(str(tmp_path), keep=3)
+  assert (tmp_path / 'checkpoints' / '3' / checkpoint_io.CHECKSUMS).is_file()
+  assert not empty.exists() and len(glob.glob(f'{empty}.broken-*')) == 1
+  restored = resume.restore(_abstract(config))
+  resume.close()
+  np.testing.assert_array_equal(_input_proj(restored.params), _input_proj(states[3].params))
+  assert 'lacked only its checksums' in caplog.text
+
+
+def test_a_broken_newest_step_is_moved_aside_and_written_again(tmp_path, saved):
+  """A resumed run falls back to step 2 and, reaching step 3 again, writes it anew."""
+  config, states = saved
+  _corrupt(str(tmp_path / 'checkpoints' / '3'), 'arrays swapped')
+  resume = checkpoints.Checkpointer(str(tmp_path), keep=3)
+  restored = resume.restore(_abstract(config))
+  np.testing.assert_array_equal(_input_proj(restored.params), _input_proj(states[2].params))
+  assert len(glob.glob(str(tmp_path / 'checkpoints' / '3.broken-*'))) == 1
+  rerun = jax.tree.map(lambda x: x + 1 if np.issubdtype(x.dtype, np.floating) else x,
+                       states[2])
+  resume.save(3, rerun)  # Not skipped: the broken step no longer holds the number.
+  resume.close()
+  _, params = _load(tmp_path, None, config)
+  np.testing.assert_array_equal(_input_proj(params), _input_proj(rerun.params))
+  again = checkpoint_io.CheckpointDir(str(tmp_path / 'checkpoints'), keep=3)
+  with pytest.raises(checkpoint_io.CheckpointError, match='step of that number is there'):
+    again.save(3, rerun)
+  again.close()

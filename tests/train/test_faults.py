@@ -1,6 +1,8 @@
-"""Runs that go wrong, through the launcher: a diverging loss, and a kill -9 mid-checkpoint."""
+"""Runs that go wrong, through the launcher: a diverging loss, a kill -9 mid-checkpoint, a
+damaged newest checkpoint."""
 import os
 import pathlib
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,13 +48,75 @@ def test_a_diverging_loss_stops_the_run_and_every_checkpoint_stays_finite(tmp_pa
     checkpoint_io.read_tree(str(tmp_path / 'run' / 'checkpoints' / str(step)))
 
 
-def test_a_kill_during_a_checkpoint_write_then_an_exact_resume(tmp_path):
-  config_file = train_testing.write_config_file(tmp_path / 'micro.py', str(tmp_path / 'data'),
-                                                steps=10)
-  overrides = ['--config.checkpoint_every_steps=1', '--config.keep_checkpoints=20']
-  straight = subprocess.run(_command(config_file, tmp_path / 'straight', *overrides),
-                            env=_env(), capture_output=True, text=True, timeout=900)
-  assert straight.returncode == 0, straight.stderr[-3000:]
+OVERRIDES = ['--config.checkpoint_every_steps=1', '--config.keep_checkpoints=20']
+
+
+@pytest.fixture(scope='module')
+def straight(tmp_path_factory):
+  """(config file, the final parameters) of an uninterrupted 10-step run."""
+  root = tmp_path_factory.mktemp('straight')
+  config_file = train_testing.write_config_file(root / 'micro.py', str(root / 'data'), steps=10)
+  result = subprocess.run(_command(config_file, root / 'run', *OVERRIDES), env=_env(),
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  return config_file, checkpoint_io.read_tree(str(root / 'run' / 'checkpoints' / '10'))['params']
+
+
+def _same(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_sigterm_saves_the_step_and_the_same_command_resumes_exactly(tmp_path, straight):
+  config_file, final = straight
+  checkpoints = tmp_path / 'run' / 'checkpoints'
+  process = subprocess.Popen(_command(config_file, tmp_path / 'run', *OVERRIDES), env=_env(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 600
+  while time.time() < deadline and not (checkpoints / '2').is_dir():
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  _, stderr = process.communicate(timeout=600)
+  assert process.returncode != 0
+  last = stderr.strip().splitlines()[-1]
+  assert last.startswith('ERROR: Stopped: train: stopped at step ') and 'SIGTERM' in last, last
+  assert 'rerun the same command to resume' in last
+  stopped_at = int(last.split('stopped at step ')[1].split(' ')[0])
+  assert 2 <= stopped_at < 10 and (checkpoints / str(stopped_at)).is_dir()
+  assert not (tmp_path / 'run' / 'run.lock').exists()  # Released on the way out.
+  resumed = subprocess.run(_command(config_file, tmp_path / 'run', *OVERRIDES), env=_env(),
+                           capture_output=True, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f'Resumed from step {stopped_at}' in resumed.stderr
+  _same(final, checkpoint_io.read_tree(str(checkpoints / '10'))['params'])
+
+
+def test_a_second_start_on_a_workdir_in_use_is_refused_then_a_dead_ones_lock_taken(tmp_path,
+                                                                                  straight):
+  config_file, _ = straight
+  workdir = tmp_path / 'run'
+  first = subprocess.Popen(_command(config_file, workdir, '--config.num_train_steps=100000'),
+                           env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline and not (workdir / 'run.lock').exists():
+    time.sleep(0.01)
+  second = subprocess.run(_command(config_file, workdir), env=_env(), capture_output=True,
+                          text=True, timeout=900)
+  assert second.returncode != 0
+  assert f'another run uses this workdir (host ' in second.stderr
+  assert f'pid {first.pid}' in second.stderr
+  first.send_signal(signal.SIGKILL)
+  first.wait()
+  assert (workdir / 'run.lock').exists()  # A killed process leaves its lock behind.
+  third = subprocess.run(_command(config_file, workdir, '--config.num_train_steps=1'),
+                         env=_env(), capture_output=True, text=True, timeout=900)
+  assert third.returncode == 0, third.stderr[-3000:]
+  assert f'Taking over {workdir}/run.lock from pid {first.pid}' in third.stderr
+
+
+def test_a_kill_during_a_checkpoint_write_then_an_exact_resume(tmp_path, straight):
+  config_file, final_straight = straight
+  overrides = OVERRIDES
 
   checkpoints = tmp_path / 'killed' / 'checkpoints'
   process = subprocess.Popen(_command(config_file, tmp_path / 'killed', *overrides), env=_env(),
@@ -74,7 +138,33 @@ def test_a_kill_during_a_checkpoint_write_then_an_exact_resume(tmp_path):
                            capture_output=True, text=True, timeout=900)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert 'Resumed from step' in resumed.stderr
-  final = [checkpoint_io.read_tree(str(tmp_path / run / 'checkpoints' / '10'))['params']
-           for run in ('straight', 'killed')]
-  for a, b in zip(jax.tree.leaves(final[0]), jax.tree.leaves(final[1]), strict=True):
-    np.testing.assert_array_equal(a, b)
+  final = [final_straight,
+           checkpoint_io.read_tree(str(tmp_path / 'killed' / 'checkpoints' / '10'))['params']]
+  _same(final[0], final[1])
+  # Then the newest step damaged (another step's arrays in its place, which decode cleanly):
+  # the same command moves it aside, resumes from step 9, writes step 10 anew (the state of
+  # an uninterrupted run, bit for bit), and the tools read it without a warning.
+  newest = checkpoints / '10' / 'default'
+  for name in os.listdir(newest):
+    if name != '_METADATA':
+      _replace(newest / name, checkpoints / '9' / 'default' / name)
+  rerun = subprocess.run(_command(config_file, tmp_path / 'killed', *overrides), env=_env(),
+                         capture_output=True, text=True, timeout=900)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert 'Resumed from step 9' in rerun.stderr and 'Moved ' in rerun.stderr
+  assert len(list(checkpoints.glob('10.broken-*'))) == 1
+  _same(final[0], checkpoint_io.read_tree(str(checkpoints / '10'))['params'])
+  evaluated = subprocess.run([sys.executable, str(ROOT / 'tools/evaluate.py'),
+                              f'--workdir={tmp_path / "killed"}'], env=_env(),
+                             capture_output=True, text=True, timeout=900)
+  assert evaluated.returncode == 0, evaluated.stderr[-3000:]
+  assert 'WARNING' not in evaluated.stderr and 'checkpoints/10 on' in evaluated.stdout
+
+
+def _replace(path, source):
+  """`path`'s content replaced by `source`'s (a directory by a copy of the other)."""
+  if path.is_dir():
+    shutil.rmtree(path)
+    shutil.copytree(source, path)
+  else:
+    shutil.copy(source, path)

@@ -6,6 +6,8 @@ import jax
 import numpy as np
 import pytest
 
+from qna_detr import detectors
+from qna_detr.backbones import weights
 from qna_detr.train import trainer
 from qna_detr.train import phases
 from qna_detr.utils import checkpoint_io
@@ -98,3 +100,42 @@ def test_a_workdir_that_is_a_file_is_named(tmp_path):
   (tmp_path / 'taken').write_text('')
   with pytest.raises(NotADirectoryError, match=f'--workdir={tmp_path}/taken is a file'):
     phases.prepare(config, str(tmp_path / 'taken'))
+
+
+def test_the_toy_config_reads_a_coco_folder_of_ones_own(tmp_path, real_folder, caplog):
+  """Explicit config.dataset paths switch the toy set off (logged); nothing is made."""
+  json_path, images = real_folder
+  config = train_testing.micro_config(str(tmp_path / 'toy'))
+  config.dataset.update(train_json=json_path, train_images=images, val_json=json_path,
+                        val_images=images)
+  with caplog.at_level('INFO', logger='qna_detr'):
+    prepared = phases.prepare(config, str(tmp_path / 'run'))
+  assert (prepared.dataset.train_json, prepared.dataset.val_images) == (json_path, images)
+  assert not (tmp_path / 'toy').exists()
+  assert 'not the toy set' in caplog.text
+  train_ds, _ = trainer.build_datasets(prepared)
+  assert (train_ds.num_examples, train_ds.category_ids) == (2, (44, 64))
+
+
+def test_another_variants_weights_are_refused_unless_partial(tmp_path, caplog):
+  """QnA-ViT-T's weights into QnA-ViT-S (the same widths, more blocks), and back."""
+  tiny = train_testing.micro_config('unused')
+  tiny.model.backbone = 'qna_vit_tiny'
+  train_testing.write_random_checkpoint(str(tmp_path / 'weights'), tiny)
+  other = train_testing.micro_config('unused')
+  other.model.backbone = 'qna_vit_small'
+  other.pretrained.path = str(tmp_path / 'weights' / 'checkpoints' / '1')
+  params = detectors.build(other, 5).abstract_params()
+  with pytest.raises(ValueError, match=r"does not fit the backbone config.model.backbone="
+                                       r"'qna_vit_small': \d+ matched, 144 missing "
+                                       r"\[stage3_qna3.*0 unexpected .*allow_partial"):
+    weights.load_pretrained_backbone(params, other)
+  train_testing.write_random_checkpoint(str(tmp_path / 'small'), other)
+  tiny.pretrained.path = str(tmp_path / 'small' / 'checkpoints' / '1')
+  with pytest.raises(ValueError, match=r'0 missing \[\], 144 unexpected'):
+    weights.load_pretrained_backbone(detectors.build(tiny, 5).abstract_params(), tiny)
+  other.pretrained.allow_partial = True
+  with caplog.at_level('WARNING', logger='qna_detr'):
+    loaded = weights.load_pretrained_backbone(params, other)
+  assert 'Partial pretrained load' in caplog.text
+  assert jax.tree.structure(loaded) == jax.tree.structure(params)

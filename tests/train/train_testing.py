@@ -45,7 +45,7 @@ def micro_config(data_dir: str, *, batch_size: int = 4,
     config = recipes.dino_toy(image_size=TOY_SET['image_size'])
     config.model.update(dict(hidden_dim=32, num_heads=2, num_encoder_layers=1,
                              num_decoder_layers=2, dim_feedforward=64, num_queries=8,
-                             enc_points=2, dec_points=2))
+                             enc_points=2, dec_points=2, dn_number=50))
     return _micro_run(config, data_dir, batch_size, steps)
   config = recipes.toy(image_size=TOY_SET['image_size'])
   config.model.update(dict(num_queries=8, hidden_dim=32, num_heads=2, num_encoder_layers=1,

@@ -64,8 +64,8 @@ class _FeedForward(nn.Module):
     return nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name=self.norm_name)(x + h)
 
 
-class EncoderLayer(nn.Module):
-  """Deformable self-attention over every level's tokens, then the feed-forward block."""
+class _Layer(nn.Module):
+  """Sizes and the deformable attention shared by the encoder and decoder layers."""
   d_model: int
   num_heads: int
   num_levels: int
@@ -75,29 +75,28 @@ class EncoderLayer(nn.Module):
   dtype: jnp.dtype = jnp.float32
   implementation: str = 'auto'
 
+  def deformable(self, name: str) -> MSDeformAttn:
+    return MSDeformAttn(self.d_model, self.num_levels, self.num_heads, self.num_points,
+                        self.dtype, self.implementation, name=name)
+
+
+class EncoderLayer(_Layer):
+  """Deformable self-attention over every level's tokens, then the feed-forward block."""
+
   @nn.compact
   def __call__(self, src: Array, pos: Array, reference_points: Array, shapes: Shapes,
                padding_mask: Array, *, train: bool) -> Array:
-    attended = MSDeformAttn(self.d_model, self.num_levels, self.num_heads, self.num_points,
-                            self.dtype, self.implementation, name='self_attn')(
-        src + pos, reference_points, src, shapes, padding_mask)
+    attended = self.deformable('self_attn')(src + pos, reference_points, src, shapes,
+                                            padding_mask)
     attended = nn.Dropout(self.dropout)(attended, deterministic=not train)
     src = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm1')(src + attended)
     return _FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype,
                         norm_name='norm2', name='ffn')(src, train=train)
 
 
-class DecoderLayer(nn.Module):
+class DecoderLayer(_Layer):
   """Self-attention among the queries (under `blocked`), deformable cross-attention to the
   levels around each query's anchor box, feed-forward (the reference's order sa, ca, ffn)."""
-  d_model: int
-  num_heads: int
-  num_levels: int
-  num_points: int
-  dim_feedforward: int
-  dropout: float
-  dtype: jnp.dtype = jnp.float32
-  implementation: str = 'auto'
 
   @nn.compact
   def __call__(self, tgt: Array, query_pos: Array, reference_points: Array, memory: Array,
@@ -111,9 +110,8 @@ class DecoderLayer(nn.Module):
         name='self_attn')(q, k, tgt, mask=mask, deterministic=not train)
     attended = nn.Dropout(self.dropout)(attended, deterministic=not train)
     tgt = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm2')(tgt + attended)
-    attended = MSDeformAttn(self.d_model, self.num_levels, self.num_heads, self.num_points,
-                            self.dtype, self.implementation, name='cross_attn')(
-        tgt + query_pos, reference_points, memory, shapes, memory_mask)
+    attended = self.deformable('cross_attn')(tgt + query_pos, reference_points, memory, shapes,
+                                             memory_mask)
     attended = nn.Dropout(self.dropout)(attended, deterministic=not train)
     tgt = nn.LayerNorm(epsilon=LN_EPS, dtype=self.dtype, name='norm1')(tgt + attended)
     return _FeedForward(self.d_model, self.dim_feedforward, self.dropout, self.dtype,
