@@ -32,6 +32,13 @@ os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '0')
 jax.config.update('jax_compilation_cache_dir', os.environ['JAX_COMPILATION_CACHE_DIR'])
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
 jax.config.update('jax_persistent_cache_min_entry_size_bytes', 0)
+# Tests compile many small programs and run each a few times: most of XLA's optimizations
+# cost more compile time than they save (about a quarter of a micro run's compile). Tests
+# that read XLA's memory or cost figures, or run many steps, turn them back on
+# (`@pytest.mark.optimized`, or the variable set to 0 for a subprocess).
+os.environ.setdefault('JAX_DISABLE_MOST_OPTIMIZATIONS', '1')
+jax.config.update('jax_disable_most_optimizations',
+                  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] == '1')
 # Faster CPU steps, as in training (qna_detr.utils.runtime); glibc reads the same
 # settings from the environment in the subprocesses that tests start.
 runtime.keep_freed_memory_on_cpu()
@@ -68,6 +75,20 @@ def _folder_config(json_path: str, image_dir: str, **overrides) -> ml_collection
   cfg.update({'train_json': json_path, 'train_images': image_dir, 'val_json': json_path,
               'val_images': image_dir, 'bucket_sample_size': 200, **overrides})
   return ml_collections.ConfigDict({'dataset': cfg})
+
+
+@pytest.fixture(autouse=True)
+def _xla_optimizations(request):
+  """XLA's optimizations on for the tests marked `optimized`."""
+  if request.node.get_closest_marker('optimized') is None:
+    yield
+    return
+  saved = jax.config.read('jax_disable_most_optimizations')
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', saved)
 
 
 @pytest.fixture

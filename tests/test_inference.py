@@ -177,3 +177,19 @@ def test_a_moved_workdir_evaluates_the_same_from_anywhere(run, tmp_path):
   assert result.returncode == 0, result.stderr[-3000:]
   metrics = json.loads((elsewhere / 'eval_here' / 'metrics.json').read_text())
   assert metrics == json.loads((run['root'] / 'eval' / 'metrics.json').read_text())
+
+
+def test_a_start_with_a_config_that_does_not_fit_changes_nothing(run, tmp_path):
+  """Another num_queries on the finished workdir: refused, naming the misfit, before a file of
+  the workdir changed; the run still evaluates as before."""
+  def files():
+    return {str(p.relative_to(run['workdir'])): p.read_bytes()
+            for p in sorted(run['workdir'].rglob('*')) if p.is_file()}
+  before = files()
+  result = train_testing.run_script('projects/qna_detr/main.py', [
+      f'--config={run["config_file"]}', f'--workdir={run["workdir"]}',
+      '--config.model.num_queries=9'])
+  assert result.returncode != 0
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith('ERROR: MismatchedCheckpoint: ') and 'does not fit' in last, last
+  assert files() == before

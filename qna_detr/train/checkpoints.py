@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 SUBDIR = run_files.CHECKPOINTS
 
 
+def checkpoint_dir(root: str) -> checkpoint_io.CheckpointDir:
+  """The train states of a workdir, to read (nothing is written or moved)."""
+  return checkpoint_io.CheckpointDir(os.path.join(root, SUBDIR))
+
+
 class Checkpointer:
   """Saves and restores (train state, data iterator) pairs under `root` (a workdir)."""
 

@@ -53,6 +53,7 @@ def run(rng: jax.Array, config: ml_collections.ConfigDict, workdir: str,
   _check_workdir(workdir)
   with run_files.locked(workdir):
     config = prepare(config, workdir)
+    trainer.check_resumable(config, workdir)  # Before config.json is written.
     run_files.save_config(workdir, config)
     writer.write_texts(0, {'config': f'```\n{config}\n```'})
     if config.backbone_pretraining.steps > 0 and not run_files.has_checkpoint(workdir):

@@ -39,6 +39,24 @@ def build_datasets(config: ml_collections.ConfigDict):
   return train_ds, val_ds
 
 
+def check_resumable(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Refuses, before anything in the workdir changes, a config whose train state does not fit
+  the workdir's newest checkpoint (a run started with other sizes)."""
+  if not run_files.has_checkpoint(workdir):
+    return
+  _, dataset = run_files.load_config(workdir)
+  if 'class_names' not in dataset:
+    return
+  detector = detectors.build(config, len(dataset['class_names']))
+  states = checkpoints.checkpoint_dir(workdir)
+  try:
+    steps = states.complete_steps()
+    if steps:
+      states.check_fits(steps[-1], train_step.abstract_state(config, detector))
+  finally:
+    states.close()
+
+
 def load_pretrained(state: train_step.TrainState, config: ml_collections.ConfigDict,
                     mesh: jax.sharding.Mesh) -> train_step.TrainState:
   """The state with its backbone from `config.pretrained.path`, if set. Weights that leave

@@ -170,6 +170,11 @@ class CheckpointDir:
     _verify(step_dir, jax.device_get(tree), expected)
     return tree
 
+  def check_fits(self, step: int, abstract: Tree) -> None:
+    """Raises MismatchedCheckpoint unless the stored names and shapes of `step` are those of
+    `abstract`; reads no array."""
+    _check_shapes(self.step_dir(step), self._manager.item_metadata(step), abstract)
+
   def restore_part(self, step: int, abstract: dict[str, Tree]) -> dict[str, Tree]:
     """The checked subtrees of `step` that `abstract` names by their top-level keys (e.g.
     {'params': ...} of a stored train state), as host arrays; nothing else is read."""

@@ -45,13 +45,18 @@ def _text(text: str) -> tuple[tensor_pb2.TensorProto, summary_pb2.SummaryMetadat
 
 class EventWriter(metric_writers.MetricWriter):
   """A CLU metric writer of classic TensorBoard summaries in `logdir`. Non-finite scalars
-  are skipped (a metric that does not exist for the data is not a point on a curve)."""
+  are skipped (a metric that does not exist for the data is not a point on a curve). The
+  event file is made at the first summary, so that a run refused at its start leaves the
+  workdir as it was."""
 
   def __init__(self, logdir: str):
-    self._writer = EventFileWriter(logdir)
+    self._logdir = logdir
+    self._writer: EventFileWriter | None = None
 
   def _add(self, step: int, values: list[summary_pb2.Summary.Value]) -> None:
     if values:
+      if self._writer is None:
+        self._writer = EventFileWriter(self._logdir)
       self._writer.add_event(event_pb2.Event(
           wall_time=time.time(), step=int(step), summary=summary_pb2.Summary(value=values)))
 
@@ -92,10 +97,12 @@ class EventWriter(metric_writers.MetricWriter):
     del hparams
 
   def flush(self) -> None:
-    self._writer.flush()
+    if self._writer is not None:
+      self._writer.flush()
 
   def close(self) -> None:
-    self._writer.close()
+    if self._writer is not None:
+      self._writer.close()
 
 
 def create(logdir: str, is_main_process: bool) -> metric_writers.MetricWriter:

@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from qna_detr.backbones import registry
 from qna_detr.backbones.base import FeatureMap
+from qna_detr.layers import masking
 
 NAME = 'fixture_levels'
 LEVELS = ((8, 16), (16, 24), (32, 32))  # (stride, channels)
@@ -18,8 +19,9 @@ class FixtureLevels(nn.Module):
   @nn.compact
   def __call__(self, images, padding_mask=None, *, train=False):
     del train
+    padded = ~masking.valid_from_padding(padding_mask, images.shape)
     return [FeatureMap(nn.Conv(c, (s, s), strides=s, name=f'level_{i}')(images),
-                       padding_mask[:, ::s, ::s]) for i, (s, c) in enumerate(LEVELS)]
+                       padded[:, ::s, ::s]) for i, (s, c) in enumerate(LEVELS)]
 
 
 if NAME not in registry.names():

@@ -163,6 +163,7 @@ def test_initial_offsets_are_the_references_grid():
   np.testing.assert_allclose(grid[:, 0, 1], 2 * grid[:, 0, 0], atol=1e-6)
 
 
+@pytest.mark.optimized
 def test_memory_does_not_hold_the_values_per_sampling_point():
   """Forward + backward at a 4-level size: the compiled temporaries stay far below one copy
   of the gathered values per query and corner ([Lq, L * P * 4, D] per head)."""

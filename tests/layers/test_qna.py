@@ -175,6 +175,7 @@ def test_unknown_implementation_is_named():
     window_softmax_aggregate(*_window_inputs(3), 1, 'gpu_fused')
 
 
+@pytest.mark.optimized
 @pytest.mark.parametrize('implementation', CONCRETE)
 def test_memory_does_not_grow_with_window_area(implementation):
   """XLA's static temp bytes of forward + backward at k = 11 against k = 3 (13.4x the

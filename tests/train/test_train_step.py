@@ -86,6 +86,7 @@ def test_frozen_step_moves_the_head_by_its_gradient_and_not_the_backbone(setup):
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.optimized
 def test_frozen_step_skips_the_backbone_backward(setup):
   """XLA's own FLOP count: the backbone's backward costs more than its forward, so dropping
   it must remove well over a third of a full step's work."""
